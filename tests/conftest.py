@@ -1,0 +1,54 @@
+"""Shared fixtures: the real embedded model (fetched once into ESR_CACHE) and a real SAELens SAE."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may touch the hub by accident
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+MODEL = "smollm2-135m-instruct"
+SITE = "blocks.15.hook_resid_post"
+
+
+@pytest.fixture(scope="session")
+def lm():
+    from esr.models import load_model
+
+    return load_model(MODEL, progress=False)
+
+
+def tied_sae(d_in: int = 576, d_sae: int = 512, hook: str = SITE, seed: int = 0):
+    """A SAELens StandardSAE with unit-norm decoder rows and W_enc = W_dec^T, no biases.
+
+    Such an SAE has an exact property the ablation test relies on: after h <- h - f_j(h) d_j,
+    re-encoding gives f_j = ReLU(f_j - f_j) = 0."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_sae, d_in, generator=g)
+    w = w / w.norm(dim=1, keepdim=True)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook)))
+    with torch.no_grad():
+        sae.W_dec.copy_(w)
+        sae.W_enc.copy_(w.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+@pytest.fixture(scope="session")
+def sae():
+    return tied_sae()
+
+
+@pytest.fixture(scope="session")
+def sae_dir(tmp_path_factory, sae):
+    d = tmp_path_factory.mktemp("sae")
+    sae.save_model(str(d))
+    return d
