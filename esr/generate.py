@@ -28,6 +28,7 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     max_new_tokens: int = 128
     seed: int = 0  # default per-row seed when none is given per row
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks, fixed-length studies)
 
     def __post_init__(self):
         bad = [k for k, v in asdict(self).items() if isinstance(v, float) and not math.isfinite(v)]
@@ -47,6 +48,7 @@ class Generation:
     token_ids: list[int]
     finish_reason: str  # "eos" | "length"
     seed: int
+    sampling: SamplingConfig
     interventions: list[dict] = field(default_factory=list)
     rendered_prompt: str = ""  # the exact chat-templated string the model saw
 
@@ -130,7 +132,8 @@ def generate(
     eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else tok.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     config = GenerationConfig(
-        do_sample=False, max_new_tokens=sampling.max_new_tokens, min_new_tokens=0,
+        do_sample=False, max_new_tokens=sampling.max_new_tokens,
+        min_new_tokens=sampling.max_new_tokens if sampling.ignore_eos else 0,
         eos_token_id=eos,
         pad_token_id=tok.pad_token_id, use_cache=use_cache,
     )
@@ -158,11 +161,12 @@ def generate(
             )
         for row, i in enumerate(idx):
             new = out[row, width:].tolist()
-            stop = next((k for k, t in enumerate(new) if t in eos_ids), None)
+            stop = None if sampling.ignore_eos else next(
+                (k for k, t in enumerate(new) if t in eos_ids), None)
             kept = new if stop is None else new[:stop]
             results[i] = Generation(
                 prompt=prompts[i], text=tok.decode(kept, skip_special_tokens=True),
-                token_ids=kept, finish_reason="length" if stop is None else "eos", seed=seeds[i],
+                token_ids=kept, finish_reason="length" if stop is None else "eos", seed=seeds[i], sampling=sampling,
                 interventions=[intervention_to_dict(iv) for iv in interventions[i] or ()],
                 rendered_prompt=rendered[i],
             )
