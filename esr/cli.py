@@ -13,6 +13,7 @@ from esr.errors import EsrError
 # Imports of torch & co. happen inside the command functions, so `esr --help` stays fast.
 COMMAND_MODULES = [
     "esr.commands.models",
+    "esr.commands.sae",
 ]
 
 

@@ -1,0 +1,101 @@
+"""`esr sae train | eval | catalog`: training, measuring and describing SAEs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sae", help="train, evaluate and catalog SAEs")
+    ssub = p.add_subparsers(dest="sae_command", metavar="SAE_COMMAND", required=True)
+
+    t = ssub.add_parser("train", help="train an SAE with SAELens from a YAML config",
+                        epilog="example: esr sae train saes/smollm2-135m-res15/train.yaml")
+    t.add_argument("config")
+    t.set_defaults(func=cmd_train)
+
+    for name, func, helptext in [("eval", cmd_eval, "measure an SAE on held-out text"),
+                                 ("catalog", cmd_catalog, "build the latent catalog of an SAE")]:
+        e = ssub.add_parser(name, help=helptext)
+        e.add_argument("sae", help="registry name, SAELens directory or RELEASE:SAE_ID")
+        e.add_argument("--model", help="model the SAE reads (default: the SAE registry's, else "
+                       "smollm2-135m-instruct)")
+        e.add_argument("--texts", help="text file (one document per blank-line-separated block) or "
+                       "JSONL with a `text` field (default: the SAE's stored held-out split)")
+        e.add_argument("--max-tokens", type=int, default=50_000 if name == "eval" else 100_000)
+        e.set_defaults(func=func)
+    p_eval = ssub.choices["eval"]
+    p_eval.add_argument("--json", action="store_true", help="print one JSON object")
+    ssub.choices["catalog"].add_argument("--out", help="catalog file (default: the SAE directory's "
+                                         "catalog.jsonl.gz)")
+
+
+def cmd_train(args) -> int:
+    from esr.sae_train import TrainConfig, train_sae
+
+    out = train_sae(TrainConfig.load(args.config))
+    print(f"SAE written to {out}; measure it with: esr sae eval {out}")
+    return 0
+
+
+def _read_texts(path: str) -> list[str]:
+    from esr.errors import EsrError
+
+    p = Path(path)
+    if not p.is_file():
+        raise EsrError(f"no text file at {p}")
+    raw = p.read_text(encoding="utf-8", errors="replace")
+    if p.suffix == ".jsonl":
+        try:
+            return [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise EsrError(f"{p}: every JSONL line needs a `text` field") from None
+    return [block for block in raw.split("\n\n") if block.strip()]
+
+
+def _setup(args):
+    """(lm, sae, site, sae_dir, texts) for eval and catalog."""
+    from esr.corpus import pydoc_topics
+    from esr.models import load_model
+    from esr.sae import SAES_DIR, check_sae_fits, load_sae, sae_registry
+    from esr.sae_eval import heldout_texts
+
+    entry = sae_registry().get(args.sae, {})
+    sae_dir = (SAES_DIR / entry["path"]) if "path" in entry else (
+        Path(args.sae) if Path(args.sae).is_dir() else None)
+    sae = load_sae(args.sae)
+    lm = load_model(args.model or entry.get("model") or "smollm2-135m-instruct")
+    site = check_sae_fits(sae, lm.d_model, lm.n_layers)
+    sae.to(lm.input_device)
+    texts = _read_texts(args.texts) if args.texts else (heldout_texts(sae_dir) or pydoc_topics())
+    return lm, sae, site, sae_dir, texts
+
+
+def cmd_eval(args) -> int:
+    from esr.sae_eval import evaluate_sae
+
+    lm, sae, site, _, texts = _setup(args)
+    result = evaluate_sae(lm, sae, texts, site, max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        for k, v in result.to_dict().items():
+            print(f"{k:20s} {v}")
+    return 0
+
+
+def cmd_catalog(args) -> int:
+    from esr.catalog import CATALOG_FILE, build_catalog, write_catalog
+    from esr.errors import EsrError
+
+    lm, sae, site, sae_dir, texts = _setup(args)
+    if args.out is None and sae_dir is None:
+        raise EsrError("the SAE is not a local directory; pass --out FILE for the catalog")
+    out = Path(args.out) if args.out else sae_dir / CATALOG_FILE
+    entries = build_catalog(lm, sae, texts, site, max_tokens=args.max_tokens, progress=True)
+    write_catalog(entries, out)
+    alive = sum(e.frequency > 0 for e in entries)
+    print(f"catalog of {len(entries)} latents ({alive} fired) written to {out}")
+    return 0
