@@ -14,6 +14,7 @@ from esr.errors import EsrError
 COMMAND_MODULES = [
     "esr.commands.models",
     "esr.commands.sae",
+    "esr.commands.specificity",
     "esr.commands.judge",
 ]
 
