@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "esr.commands.sae",
     "esr.commands.specificity",
     "esr.commands.judge",
+    "esr.commands.experiments",
 ]
 
 

@@ -1,0 +1,151 @@
+"""`esr run`, `esr report`, `esr reproduce`: ESR experiments end to end."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from esr.errors import EsrError
+
+EXP_NAMES = {"1": "exp1", "2": "exp2", "5": "exp5", "8": "exp8"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run (or resume) an experiment config",
+        description="Run the experiments of a config (sample latents, calibrate boosts, generate "
+        "and judge trials) into a run directory. Running it again resumes: finished trials are "
+        "kept, none is repeated.",
+        epilog="example: esr run experiments/smollm2-135m-instruct.toml --quick --sae DIR")
+    p.add_argument("config", help="experiment config (TOML), e.g. experiments/<model>.toml")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "report", help="metrics table and plots of one or more runs",
+        description="Print ESR metrics per run and condition (Wilson and latent-cluster bootstrap "
+        "intervals, exclusions by reason, McNemar tests on paired conditions) and write "
+        "report.txt, metrics.json and plots.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/report for one run, "
+                   "./report for several)")
+    p.add_argument("--exclude-degenerate", action="store_true", help="drop repetition-loop outputs")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (0: none)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--brief", action="store_true", help="summary only, no per-condition tables")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "reproduce", help="the paper's experiments for one model with its registry defaults",
+        description="Run experiments 1 (ESR at each latent's calibrated boost) and 8 (no-steering "
+        "baseline), and 2 (boost sweep) and 5 (meta-prompt) when asked, from "
+        "experiments/<model>.toml, then print the report.",
+        epilog="example: esr reproduce --model smollm2-135m-instruct --quick")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="registry name with a config in experiments/ (default: %(default)s)")
+    _add_run_args(p)
+    p.add_argument("--all", action="store_true", help="run experiments 1, 8, 2 and 5")
+    p.set_defaults(func=cmd_reproduce)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="apply the config's [quick] overrides (a few latents, short answers)")
+    p.add_argument("--experiments", help="comma-separated subset, e.g. 1,8 or exp1,exp2 "
+                   "(default: the config's)")
+    p.add_argument("--sae", help="SAE override: registry name, SAELens directory or RELEASE:SAE_ID")
+    p.add_argument("--prompts", help="prompt set override: howto, paper, or a file")
+    p.add_argument("--judge", help="judge override: offline | anthropic:<model> | "
+                   "openai:<model>[@<url>]")
+    p.add_argument("--latents", type=int, help="number of latents override")
+    p.add_argument("--out", dest="run_dir", help="run directory (default: runs/<name>-<config hash>)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device-map", help="accelerate device map for large models, e.g. auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _experiments(arg: str | None) -> list[str] | None:
+    if not arg:
+        return None
+    out = []
+    for part in arg.split(","):
+        part = part.strip().lower()
+        name = EXP_NAMES.get(part.removeprefix("exp"))
+        if name is None:
+            raise EsrError(f"unknown experiment {part!r}: use 1, 2, 5, 8 (or exp1, ...)")
+        out.append(name)
+    return out
+
+
+def _overrides(args, experiments: list[str] | None) -> dict:
+    run: dict = {}
+    if experiments:
+        run["experiments"] = experiments
+    for key in ("sae", "prompts", "judge"):
+        if getattr(args, key, None):
+            run[key] = getattr(args, key)
+    if args.sae and Path(args.sae).expanduser().is_dir():
+        run["sae"] = str(Path(args.sae).expanduser().resolve())
+    over: dict = {"run": run} if run else {}
+    if args.latents is not None:
+        over["latents"] = {"n": args.latents}
+    return over
+
+
+def _execute(config_path, args, experiments) -> Path:
+    from esr.experiment import Run, default_run_dir, load_config, resolve_config
+
+    over = _overrides(args, experiments)
+    config = resolve_config(load_config(config_path, quick=args.quick, overrides=over))
+    if args.quick and args.latents is not None:  # --latents beats the [quick] overlay
+        config.data["latents"]["n"] = args.latents
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
+    run = Run(config, run_dir, progress=not args.no_progress, device=args.device,
+              device_map=args.device_map)
+    print(f"esr: {config.name}: experiments {', '.join(config.experiments)} -> {run_dir}",
+          file=sys.stderr, flush=True)
+    run.execute()
+    return run_dir
+
+
+def cmd_run(args) -> int:
+    t = time.time()
+    run_dir = _execute(args.config, args, _experiments(args.experiments))
+    print(f"esr: run finished in {time.time() - t:.0f}s; report with: esr report {run_dir}",
+          file=sys.stderr)
+    print(run_dir)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from esr.report import write_report
+
+    out = args.out or (str(Path(args.runs[0]) / "report") if len(args.runs) == 1 else "report")
+    text, files = write_report(args.runs, out, exclude_degenerate=args.exclude_degenerate,
+                               n_boot=args.n_boot, plots=not args.no_plots)
+    if args.brief:
+        text = text.split("\n\n== ", 1)[0]
+    print(text)
+    print(f"\nwrote {', '.join(str(f) for f in files)}", file=sys.stderr)
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from esr.experiment import config_for_model
+    from esr.models import resolve
+    from esr.report import write_report
+
+    spec = resolve(args.model)
+    path = config_for_model(spec.name)
+    experiments = _experiments(args.experiments)
+    if args.all:
+        experiments = ["exp1", "exp8", "exp2", "exp5"]
+    t = time.time()
+    run_dir = _execute(path, args, experiments or ["exp1", "exp8"])
+    text, files = write_report([run_dir], run_dir / "report")
+    print(text)
+    print(f"\nesr: reproduce finished in {(time.time() - t) / 60:.1f} min; wrote "
+          f"{', '.join(str(f) for f in files)}", file=sys.stderr)
+    return 0

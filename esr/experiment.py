@@ -1,0 +1,784 @@
+"""ESR experiments as validated config files and resumable runs.
+
+A config (TOML, one per model in `experiments/`) names a model, its SAE, a judge, a prompt set,
+sampling, latent sampling and calibration settings, and which experiments to run:
+
+    exp1  ESR across models: each latent steered at its own calibrated threshold
+    exp2  boost sweep: levels relative to each latent's own threshold (multiples of it)
+    exp5  meta-prompts: the exp1 trials again with a self-monitoring instruction in the prompt
+    exp8  no-steering baseline: the exp1 prompts and seeds with no intervention
+
+Every experiment shares the same stages: sample latents -> calibrate -> trials -> judge. Trials of
+different experiments share (latent, prompt, seed), so they pair for McNemar tests (row `id`).
+
+A run directory holds `config.json` (resolved config and its hash), `versions.json`,
+`latents.json`, `calibration.json`, `trials.jsonl` (one row per trial, appended with flush + fsync
+per batch) and `log.jsonl` (stage timings). Re-running the same config resumes: trials whose key
+(condition, latent, prompt, seed, value) is already in `trials.jsonl` are skipped, and a torn last
+line left by a kill is cut off before appending.
+
+A `[quick]` table in a config overrides keys for `--quick` runs (dotted keys: `latents.n = 6`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from esr.errors import EsrError
+
+EXPERIMENTS = ("exp1", "exp2", "exp5", "exp8")
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+_REQUIRED = object()
+
+# section -> key -> (types, default). Types are checked strictly (bool is not an int).
+SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
+    "run": {
+        "name": ((str,), _REQUIRED),
+        "model": ((str,), _REQUIRED),
+        "description": ((str,), ""),
+        "sae": ((str,), ""),  # "" = the model registry's default SAE
+        "site": ((str,), ""),  # steering site; "" = the registry's steering layer
+        "judge": ((str,), "offline"),
+        "prompts": ((str,), "howto"),  # howto | paper | a file
+        "seed": ((int,), 0),
+        "batch_size": ((int,), 32),
+        "experiments": ((list,), ["exp1", "exp8"]),
+    },
+    "sampling": {
+        "temperature": ((float, int), 0.6),
+        "top_p": ((float, int), 1.0),
+        "repetition_penalty": ((float, int), None),  # omitted = the model registry's
+        "max_new_tokens": ((int,), 256),
+    },
+    "latents": {
+        "n": ((int,), 40),
+        "prompts_per_latent": ((int,), 5),
+        "relevance": ((str,), "never_active"),
+        "top_k": ((int,), 100),
+        "label": ((str,), ""),
+        "catalog": ((str,), ""),  # "" = catalog.jsonl.gz in the SAE directory, if any
+        "exclude_dead": ((bool,), True),
+    },
+    "calibration": {
+        "target": ((float, int), 0.3),
+        "lower": ((float, int), 0.0),
+        "upper": ((float, int), _REQUIRED),
+        "prior_mean": ((float, int), _REQUIRED),
+        "prior_std": ((float, int), _REQUIRED),
+        "iterations": ((int,), 10),
+        "samples_per_step": ((int,), 1),
+        "grid": ((int,), 10_000),
+        "verify": ((bool,), True),
+    },
+    "exp2": {
+        "levels": ((list,), [0.5, 0.75, 1.0, 1.5, 2.0]),  # multiples of each latent's threshold
+        "latents": ((int,), 0),  # first N calibrated latents (0 = all)
+        "prompts_per_latent": ((int,), 3),
+    },
+    "exp5": {
+        "variants": ((list,), ["self_monitor"]),
+    },
+}
+
+
+@dataclass
+class ExperimentConfig:
+    """A validated config: `data[section][key]`, every key present (defaults filled in)."""
+
+    data: dict
+    source: str = ""
+    quick: bool = False
+
+    def __getitem__(self, section: str) -> dict:
+        return self.data[section]
+
+    @property
+    def name(self) -> str:
+        return self.data["run"]["name"] + ("-quick" if self.quick else "")
+
+    @property
+    def experiments(self) -> list[str]:
+        return list(self.data["run"]["experiments"])
+
+    def hash(self) -> str:
+        """Hash of everything but the list of experiments: adding exp 2 to a run that did exp 1
+        reuses its directory, latents, thresholds and trials."""
+        data = copy.deepcopy(self.data)
+        data["run"].pop("experiments")
+        blob = json.dumps({"config": data, "quick": self.quick}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def to_dict(self) -> dict:
+        return {"config": copy.deepcopy(self.data), "quick": self.quick, "source": self.source,
+                "hash": self.hash()}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _check_value(where: str, key: str, value, types: tuple) -> Any:
+    number = float in types
+    ok = isinstance(value, types) and not isinstance(value, bool) if bool not in types \
+        else isinstance(value, bool)
+    if not ok:
+        want = ("a number" if number else {str: "a string", int: "an integer", bool: "true or false",
+                                          list: "a list"}[types[0]])
+        raise EsrError(f"{where}: {key} must be {want}, got {value!r}")
+    if number:
+        value = float(value)
+        if not math.isfinite(value):
+            raise EsrError(f"{where}: {key} must be a finite number, got {value!r}")
+    return value
+
+
+def validate(raw: dict, where: str, quick: bool = False) -> ExperimentConfig:
+    """Check every section and key; fill defaults. Errors name the file and the key."""
+    raw = dict(raw)
+    overlay = raw.pop("quick", {})
+    if not isinstance(overlay, dict):
+        raise EsrError(f"{where}: [quick] must be a table of overrides")
+    for section, body in raw.items():
+        if section not in SCHEMA:
+            raise EsrError(f"{where}: unknown section [{section}] (known: "
+                           f"{', '.join(list(SCHEMA) + ['quick'])})")
+        if not isinstance(body, dict):
+            raise EsrError(f"{where}: {section} must be a table ([{section}])")
+    for section, body in overlay.items():
+        if section not in SCHEMA or not isinstance(body, dict):
+            raise EsrError(f"{where}: quick.{section} is not a section of the config")
+    merged = _merge(raw, overlay) if quick else raw
+    data: dict = {}
+    for section, keys in SCHEMA.items():
+        body = merged.get(section, {})
+        for key in body:
+            if key not in keys:
+                raise EsrError(f"{where}: unknown key {section}.{key} (known: {', '.join(keys)})")
+        out = {}
+        for key, (types, default) in keys.items():
+            if key in body:
+                out[key] = _check_value(where, f"{section}.{key}", body[key], types)
+            elif default is _REQUIRED:
+                raise EsrError(f"{where}: missing required key {section}.{key}")
+            else:
+                out[key] = copy.deepcopy(default)
+        data[section] = out
+    _check_semantics(data, where)
+    return ExperimentConfig(data, source=where, quick=quick)
+
+
+def _check_semantics(d: dict, where: str) -> None:
+    from esr.latents import RELEVANCE
+    from esr.prompts import META_PROMPTS
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise EsrError(f"{where}: {key} {msg}")
+
+    run, s, lat, cal = d["run"], d["sampling"], d["latents"], d["calibration"]
+    need(bool(run["name"].strip()) and "/" not in run["name"], "run.name",
+         "must be a non-empty name without '/'")
+    bad = [e for e in run["experiments"] if e not in EXPERIMENTS]
+    need(bool(run["experiments"]) and not bad, "run.experiments",
+         f"must list some of {', '.join(EXPERIMENTS)} (got {run['experiments']!r})")
+    need(run["batch_size"] >= 1, "run.batch_size", "must be >= 1")
+    need(run["seed"] >= 0, "run.seed", "must be >= 0")
+    need(s["temperature"] >= 0, "sampling.temperature", "must be >= 0")
+    need(0 < s["top_p"] <= 1, "sampling.top_p", "must be in (0, 1]")
+    need(s["repetition_penalty"] is None or s["repetition_penalty"] > 0,
+         "sampling.repetition_penalty", "must be > 0")
+    need(s["max_new_tokens"] >= 1, "sampling.max_new_tokens", "must be >= 1")
+    need(lat["n"] >= 1, "latents.n", "must be >= 1")
+    need(lat["prompts_per_latent"] >= 1, "latents.prompts_per_latent", "must be >= 1")
+    need(lat["relevance"] in RELEVANCE, "latents.relevance",
+         f"must be one of {', '.join(RELEVANCE)} (got {lat['relevance']!r})")
+    need(lat["top_k"] >= 1, "latents.top_k", "must be >= 1")
+    need(0 < cal["target"] < 1, "calibration.target",
+         "must be in (0, 1): a normalised score (0.3 = 30/100)")
+    need(cal["upper"] > cal["lower"] >= 0, "calibration.upper", "must be > calibration.lower >= 0")
+    need(cal["prior_std"] > 0, "calibration.prior_std", "must be > 0")
+    need(cal["iterations"] >= 1, "calibration.iterations", "must be >= 1")
+    need(cal["samples_per_step"] >= 1, "calibration.samples_per_step", "must be >= 1")
+    need(cal["grid"] >= 10, "calibration.grid", "must be >= 10")
+    levels = d["exp2"]["levels"]
+    need(bool(levels) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                              and math.isfinite(x) and x >= 0 for x in levels)
+         and len(set(levels)) == len(levels), "exp2.levels",
+         "must be distinct non-negative numbers (multiples of each latent's threshold)")
+    d["exp2"]["levels"] = [float(x) for x in levels]
+    need(d["exp2"]["latents"] >= 0, "exp2.latents", "must be >= 0 (0 = all)")
+    need(d["exp2"]["prompts_per_latent"] >= 1, "exp2.prompts_per_latent", "must be >= 1")
+    bad = [v for v in d["exp5"]["variants"] if v not in META_PROMPTS]
+    need(bool(d["exp5"]["variants"]) and not bad, "exp5.variants",
+         f"must list some of {', '.join(META_PROMPTS)} (got {d['exp5']['variants']!r})")
+
+
+def load_config(path: str | Path, quick: bool = False, overrides: dict | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise EsrError(f"{path}: no such experiment config")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise EsrError(f"{path}: invalid TOML ({e})") from None
+    if overrides:
+        raw = _merge(raw, overrides)
+    config = validate(raw, str(path), quick=quick)
+    prompts = config["run"]["prompts"]
+    if prompts not in ("howto", "paper") and not Path(prompts).expanduser().is_absolute():
+        beside = path.parent / prompts  # a relative prompt file is relative to the config
+        if beside.is_file():
+            config.data["run"]["prompts"] = str(beside.resolve())
+    return config
+
+
+def config_for_model(model: str) -> Path:
+    """experiments/<model>.toml, the config `esr reproduce --model` runs."""
+    path = EXPERIMENTS_DIR / f"{model}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))) or "none"
+        raise EsrError(f"no experiment config for model {model!r} in {EXPERIMENTS_DIR} "
+                       f"(configs: {known}); write one or run `esr run CONFIG`")
+    return path
+
+
+def resolve_config(config: ExperimentConfig) -> ExperimentConfig:
+    """Fill registry defaults (SAE, steering site, repetition penalty) so the stored config says
+    exactly what ran, and the hash changes when a registry default does."""
+    from esr.models import resolve
+
+    spec = resolve(config["run"]["model"])
+    data = copy.deepcopy(config.data)
+    run = data["run"]
+    run["model"] = spec.name
+    run["sae"] = run["sae"] or spec.default_sae
+    if not run["sae"]:
+        raise EsrError(f"model {spec.name} has no default SAE yet; pass --sae (a SAELens directory "
+                       "or registry name) or set run.sae in the config")
+    if not run["site"] and spec.steer_layer is not None:
+        run["site"] = f"blocks.{spec.steer_layer}.hook_resid_post"
+    if data["sampling"]["repetition_penalty"] is None:
+        data["sampling"]["repetition_penalty"] = float(spec.repetition_penalty)
+    return ExperimentConfig(data, config.source, config.quick)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds and keys
+
+
+def derive_seed(*parts) -> int:
+    """A stable seed in [0, 1e6] from any parts (never Python's salted hash)."""
+    h = hashlib.sha256(json.dumps(parts).encode()).digest()
+    return int.from_bytes(h[:8], "big") % 1_000_001
+
+
+def trial_key(condition: str, latent: int, prompt_index: int, seed: int, value: float) -> str:
+    return f"{condition}|{latent}|{prompt_index}|{seed}|{value:.6g}"
+
+
+@dataclass
+class TrialSpec:
+    experiment: str
+    condition: str
+    latent: int
+    prompt_index: int
+    seed: int
+    value: float  # steering value in SAE units (0 = not steered)
+    level: float | None = None  # exp2: multiple of the latent's threshold
+    threshold: float | None = None
+    variant: str | None = None  # exp5: meta-prompt variant
+
+    @property
+    def key(self) -> str:
+        return trial_key(self.condition, self.latent, self.prompt_index, self.seed, self.value)
+
+    @property
+    def pair_id(self) -> str:
+        return f"{self.latent}:{self.prompt_index}:{self.seed}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Trials file
+
+
+class TrialsFile:
+    """Append-only JSONL with resume: a torn last line is cut, keys already present are skipped."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.keys: set[str] = set()
+        self._repair_and_index()
+
+    def _repair_and_index(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            with self.path.open("r+b") as f:
+                f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
+            data = data[:cut]
+        for line in data.decode("utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("key"):
+                self.keys.add(row["key"])
+
+    def append(self, rows: list[dict]) -> None:
+        rows = [r for r in rows if r["key"] not in self.keys]
+        if not rows:
+            return
+        blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        self.keys.update(r["key"] for r in rows)
+
+
+def read_trials(path: str | Path) -> list[dict]:
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        return rows
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of an interrupted run
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("esr", "torch", "transformers", "sae-lens", "numpy", "anthropic", "openai"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def default_run_dir(config: ExperimentConfig) -> Path:
+    return Path("runs") / f"{config.name}-{config.hash()[:10]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Run:
+    """One resolved config executing into one run directory."""
+
+    config: ExperimentConfig  # resolved (see resolve_config)
+    run_dir: Path
+    progress: bool = True
+    log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
+    device: str | None = None
+    device_map: str | None = None
+    steerer: Any = None
+    judge: Any = None
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir)
+        c = self.config
+        self.prompts = _load_prompts(c["run"]["prompts"])
+        from esr.generate import SamplingConfig
+
+        s = c["sampling"]
+        self.sampling = SamplingConfig(temperature=s["temperature"], top_p=s["top_p"],
+                                       repetition_penalty=s["repetition_penalty"],
+                                       max_new_tokens=s["max_new_tokens"])
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _open_dir(self) -> None:
+        d = self.run_dir
+        d.mkdir(parents=True, exist_ok=True)
+        import fcntl
+
+        self._lock = (d / ".lock").open("w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise EsrError(f"another `esr run` is writing {d}; wait for it or kill it") from None
+        meta = d / "config.json"
+        mine = self.config.to_dict()
+        if meta.exists():
+            try:
+                theirs = json.loads(meta.read_text())
+            except ValueError:
+                raise EsrError(f"{meta} is not valid JSON; this is not an esr run directory") from None
+            if theirs.get("hash") != mine["hash"]:
+                raise EsrError(f"{d} holds a run of another config (hash {str(theirs.get('hash'))[:10]}, "
+                               f"this one {mine['hash'][:10]}); pass another --out or remove it")
+            done = theirs.get("config", {}).get("run", {}).get("experiments", [])
+            mine["config"]["run"]["experiments"] = [e for e in EXPERIMENTS if e in
+                                                    set(done) | set(self.config.experiments)]
+        _write_json(meta, mine)
+        _write_json(d / "versions.json", package_versions())
+
+    def _log_stage(self, stage: str, seconds: float, **extra) -> None:
+        with (self.run_dir / "log.jsonl").open("a") as f:
+            f.write(json.dumps({"stage": stage, "seconds": round(seconds, 2),
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}) + "\n")
+
+    def _load(self) -> None:
+        if self.steerer is None:
+            from esr.models import load_model
+            from esr.sae import load_sae
+            from esr.steer import Steerer
+
+            run = self.config["run"]
+            t = time.time()
+            sae = load_sae(run["sae"], device=self.device or "cpu")
+            lm = load_model(run["model"], device=self.device, device_map=self.device_map)
+            if self.device is None:
+                sae.to(lm.input_device)
+            self.steerer = Steerer(lm, sae=sae, steer_site=run["site"] or None)
+            self.log(f"loaded {run['model']} and SAE {run['sae']} ({time.time() - t:.0f}s)")
+        if self.judge is None:
+            from esr.judge import default_cache_dir, make_judge
+
+            self.judge = make_judge(self.config["run"]["judge"], cache_dir=default_cache_dir())
+
+    # ---- stages --------------------------------------------------------------------------------
+    def execute(self) -> Path:
+        self._open_dir()
+        try:
+            self._load()
+            sample = self.stage_latents()
+            needs_threshold = any(e in self.config.experiments for e in ("exp1", "exp2", "exp5"))
+            thresholds = self.stage_calibrate(sample) if needs_threshold else {}
+            plan = [(exp, self.trial_specs(exp, sample, thresholds))
+                    for exp in ("exp1", "exp8", "exp2", "exp5") if exp in self.config.experiments]
+            self.log("trials: " + ", ".join(f"{exp} {len(specs)}" for exp, specs in plan))
+            for exp, specs in plan:
+                self.stage_trials(exp, specs, sample)
+        finally:
+            lock = getattr(self, "_lock", None)
+            if lock:
+                lock.close()
+        return self.run_dir
+
+    def stage_latents(self):
+        from esr.latents import LatentSample, prompt_max_activations, sample_latents
+
+        path = self.run_dir / "latents.json"
+        if path.exists():
+            return LatentSample.from_dict(json.loads(path.read_text()))
+        t = time.time()
+        c = self.config["latents"]
+        sae = self.steerer.sae
+        catalog = self._catalog()
+        max_acts = None
+        if c["relevance"] != "none":
+            max_acts = prompt_max_activations(self.steerer.lm, sae, self.prompts)
+        import torch
+
+        norms = sae.W_dec.detach().float().norm(dim=1).cpu()
+        zero_rows = set(torch.nonzero(norms == 0).flatten().tolist())
+        sample = sample_latents(sae.cfg.d_sae, c["n"], self.config["run"]["seed"], max_acts=max_acts,
+                                relevance=c["relevance"], top_k=c["top_k"], catalog=catalog,
+                                label_pattern=c["label"], exclude_dead=c["exclude_dead"],
+                                zero_rows=zero_rows)
+        sel = norms[sample.latents]
+        sample.stats["decoder_norm"] = {"min": round(float(sel.min()), 4),
+                                        "median": round(float(sel.median()), 4),
+                                        "max": round(float(sel.max()), 4)}
+        if "short" in sample.stats:
+            self.log(f"warning: {sample.stats['short']}")
+        if c["exclude_dead"] and catalog is None:
+            self.log("note: no latent catalog for this SAE, so only zero decoder rows count as dead")
+        _write_json(path, sample.to_dict())
+        self._log_stage("latents", time.time() - t, n=len(sample.latents))
+        self.log(f"latents: {len(sample.latents)} sampled "
+                 f"({sample.stats['survivors']} of {sample.stats['d_sae']} pass the filters)")
+        return sample
+
+    def _catalog(self):
+        from esr.catalog import CATALOG_FILE, load_catalog
+        from esr.sae import SAES_DIR, sae_registry
+
+        c = self.config["latents"]
+        if c["catalog"]:
+            return load_catalog(c["catalog"])
+        spec = self.config["run"]["sae"]
+        entry = sae_registry().get(spec)
+        d = SAES_DIR / entry["path"] if entry and "path" in entry else Path(spec).expanduser()
+        if (d / CATALOG_FILE).is_file():
+            return load_catalog(d)
+        return None
+
+    def calibration_inputs(self, latent: int) -> dict:
+        """Everything that decides a latent's threshold; its hash is the cache key."""
+        from esr.prompts import prompts_hash
+
+        c, run = self.config, self.config["run"]
+        lm = self.steerer.lm
+        return {
+            "version": 1,
+            "model": {"name": lm.spec.name, "repo": lm.spec.repo, "sha256": lm.spec.sha256,
+                      "dtype": str(next(lm.model.parameters()).dtype)},
+            "sae": _sae_identity(run["sae"]),
+            "site": str(self.steerer.steer_site),
+            "latent": latent,
+            "judge": {"id": self.judge.id, "protocol": self.judge.protocol},
+            "sampling": self.sampling.to_dict(),
+            "prompts": prompts_hash(self.prompts),
+            "calibration": c["calibration"],
+            "seed": run["seed"],
+        }
+
+    def stage_calibrate(self, sample) -> dict[int, dict]:
+        from esr.calibrate import CalibrationCache, PBAConfig, cache_key, calibrate_many
+
+        path = self.run_dir / "calibration.json"
+        if path.exists():
+            done = {int(k): v for k, v in json.loads(path.read_text()).items()}
+            if set(done) == set(sample.latents):
+                return done
+        t = time.time()
+        cal = self.config["calibration"]
+        cfg = PBAConfig(target=cal["target"], lower=cal["lower"], upper=cal["upper"],
+                        prior_mean=cal["prior_mean"], prior_std=cal["prior_std"],
+                        iterations=cal["iterations"], grid=cal["grid"])
+        cache = CalibrationCache()
+        inputs = {j: self.calibration_inputs(j) for j in sample.latents}
+        keys = {j: cache_key(inputs[j]) for j in sample.latents}
+        results, todo = {}, []
+        for j in sample.latents:
+            hit = cache.get(keys[j])
+            if hit is not None:
+                results[j] = {**hit.to_dict(), "cache_key": keys[j], "cached": True}
+            else:
+                todo.append(j)
+        self.log(f"calibration: {len(results)} latents cached, {len(todo)} to search "
+                 f"({cal['iterations']} steps x {cal['samples_per_step']} samples)")
+        if todo:
+            from tqdm import tqdm
+
+            n_steps = cal["iterations"] + (1 if cal["verify"] else 0)
+            bar = tqdm(total=len(todo) * n_steps * cal["samples_per_step"], desc="calibrate",
+                       unit="gen", disable=not self.progress, dynamic_ncols=True)
+
+            def score_batch(step: int, values: dict) -> dict:
+                return self._score_batch(step, values, sample, bar)
+
+            out = calibrate_many(todo, cfg, score_batch, verify=cal["verify"])
+            bar.close()
+            for j, r in out.items():
+                cache.put(keys[j], inputs[j], r)
+                results[j] = {**r.to_dict(), "cache_key": keys[j], "cached": False}
+        ordered = {str(j): results[j] for j in sample.latents}
+        _write_json(path, ordered)
+        failed = sum(r["error"] is not None for r in results.values())
+        self._log_stage("calibrate", time.time() - t, searched=len(todo), failed=failed)
+        return {int(k): v for k, v in ordered.items()}
+
+    def _score_batch(self, step: int, values: dict, sample, bar) -> dict:
+        """Mean normalised first-attempt score per latent at its value; None if no sample scored."""
+        import numpy as np
+
+        from esr.judge import GradeRequest
+        from esr.steer import Steer
+
+        cal, seed = self.config["calibration"], self.config["run"]["seed"]
+        rows = []
+        for j, v in values.items():
+            for s in range(cal["samples_per_step"]):
+                rng = np.random.default_rng(derive_seed(seed, "calibrate", j, step, s))
+                p = int(rng.integers(len(self.prompts)))
+                rows.append((j, p, derive_seed(seed, "calibrate-gen", j, step, s), float(v)))
+        gens = self._generate([self.prompts[p] for _, p, _, _ in rows],
+                              [[Steer(v, latent=j)] for j, _, _, v in rows],
+                              [sd for _, _, sd, _ in rows], bar)
+        reqs = [GradeRequest(self.prompts[p], g.text, sample.labels.get(j) or None)
+                for (j, p, _, _), g in zip(rows, gens)]
+        grades = self._grade(reqs)
+        per: dict = {}
+        for (j, _, _, _), g in zip(rows, grades):
+            if g.ok and g.attempts and g.attempts[0].score is not None:
+                per.setdefault(j, []).append(g.attempts[0].score / 100.0)
+        return {j: (sum(per[j]) / len(per[j]) if j in per else None) for j in values}
+
+    def _generate(self, prompts, interventions, seeds, bar=None):
+        from esr.generate import generate
+
+        out = []
+        bs = self.config["run"]["batch_size"]
+        for i in range(0, len(prompts), bs):
+            out += generate(self.steerer, prompts[i:i + bs], interventions[i:i + bs], self.sampling,
+                            seeds=seeds[i:i + bs], batch_size=bs)
+            if bar is not None:
+                bar.update(len(prompts[i:i + bs]))
+        return out
+
+    def _grade(self, reqs, retries: int = 2):
+        """Grade; re-ask for failed grades a bounded number of times (never loops forever)."""
+        grades = self.judge.grade_many(reqs)
+        for _ in range(retries):
+            bad = [i for i, g in enumerate(grades) if not g.ok]
+            if not bad:
+                break
+            for i, g in zip(bad, self.judge.grade_many([reqs[i] for i in bad])):
+                grades[i] = g
+        return grades
+
+    # ---- trials --------------------------------------------------------------------------------
+    def prompt_indices(self, latent: int, n: int) -> list[int]:
+        import numpy as np
+
+        rng = np.random.default_rng(derive_seed(self.config["run"]["seed"], "prompts", latent))
+        return [int(i) for i in rng.permutation(len(self.prompts))[:n]]
+
+    def trial_specs(self, exp: str, sample, thresholds: dict) -> list[TrialSpec]:
+        c, seed = self.config, self.config["run"]["seed"]
+        ok = {j: r["threshold"] for j, r in thresholds.items() if r.get("error") is None
+              and r.get("threshold") is not None}
+        latents = [j for j in sample.latents if j in ok] if thresholds else list(sample.latents)
+        n_prompts = c["latents"]["prompts_per_latent"]
+        specs = []
+        if exp == "exp2":
+            n_lat = c["exp2"]["latents"] or len(latents)
+            latents, n_prompts = latents[:n_lat], c["exp2"]["prompts_per_latent"]
+        for j in latents:
+            for p in self.prompt_indices(j, n_prompts):
+                s = derive_seed(seed, "trial", j, p)
+                thr = ok.get(j)
+                if exp == "exp1":
+                    specs.append(TrialSpec(exp, "steered", j, p, s, thr, 1.0, thr))
+                elif exp == "exp8":
+                    specs.append(TrialSpec(exp, "unsteered", j, p, s, 0.0, 0.0, thr))
+                elif exp == "exp2":
+                    for lv in c["exp2"]["levels"]:
+                        specs.append(TrialSpec(exp, f"boost_x{lv:g}", j, p, s, round(lv * thr, 4),
+                                               lv, thr))
+                elif exp == "exp5":
+                    for v in c["exp5"]["variants"]:
+                        specs.append(TrialSpec(exp, f"meta:{v}", j, p, s, thr, 1.0, thr, v))
+        return specs
+
+    def _reuse_identical(self, exp: str, todo: list[TrialSpec], trials: TrialsFile, sample):
+        """Generation is a function of (prompt, interventions, seed, sampling): a trial identical
+        to one already run (exp 2's level 1.0 is exp 1's trial) is copied, not generated again."""
+        if exp != "exp2":
+            return todo
+        done = {(r["latent"], r["prompt_index"], r["seed"], r["value"], r["user_message"]): r
+                for r in read_trials(trials.path) if not r.get("error")}
+        rows, rest = [], []
+        for s in todo:
+            r = done.get((s.latent, s.prompt_index, s.seed, s.value, self.prompts[s.prompt_index]))
+            if r is None:
+                rest.append(s)
+            else:
+                rows.append({**r, "key": s.key, "experiment": s.experiment,
+                             "condition": s.condition, "level": s.level, "copied_from": r["key"]})
+        trials.append(rows)
+        if rows:
+            self.log(f"{exp}: {len(rows)} trials identical to trials already run, copied")
+        return rest
+
+    def stage_trials(self, exp: str, specs: list[TrialSpec], sample) -> None:
+        from tqdm import tqdm
+
+        from esr.judge import GradeRequest
+        from esr.prompts import apply_meta_prompt
+        from esr.steer import Steer
+
+        trials = TrialsFile(self.run_dir / "trials.jsonl")
+        todo = [s for s in specs if s.key not in trials.keys]
+        if not todo:
+            self.log(f"{exp}: all {len(specs)} trials already done")
+            return
+        t = time.time()
+        todo = self._reuse_identical(exp, todo, trials, sample)
+        bs = self.config["run"]["batch_size"]
+        bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=exp, unit="trial",
+                   disable=not self.progress, dynamic_ncols=True)
+        for i in range(0, len(todo), bs):
+            chunk = todo[i:i + bs]
+            users = [apply_meta_prompt(s.variant, self.prompts[s.prompt_index],
+                                       sample.labels.get(s.latent)) if s.variant
+                     else self.prompts[s.prompt_index] for s in chunk]
+            ivs = [[Steer(s.value, latent=s.latent)] if s.value else [] for s in chunk]
+            t_gen = time.time()
+            gens = self._generate(users, ivs, [s.seed for s in chunk])
+            gen_s = time.time() - t_gen
+            grades = self._grade([GradeRequest(self.prompts[s.prompt_index], g.text,
+                                               sample.labels.get(s.latent) or None)
+                                  for s, g in zip(chunk, gens)])
+            rows = []
+            for s, u, g, gr in zip(chunk, users, gens, grades):
+                rows.append({
+                    "key": s.key, "id": s.pair_id, "experiment": s.experiment,
+                    "condition": s.condition, "model": self.config["run"]["model"],
+                    "latent": s.latent, "label": sample.labels.get(s.latent, ""),
+                    "prompt_index": s.prompt_index, "prompt": self.prompts[s.prompt_index],
+                    "user_message": u, "variant": s.variant, "value": s.value, "level": s.level,
+                    "threshold": s.threshold, "seed": s.seed, "response": g.text,
+                    "n_tokens": len(g.token_ids), "finish_reason": g.finish_reason,
+                    "gen_seconds_batch": round(gen_s, 2), "error": None, **gr.to_row(),
+                })
+            trials.append(rows)
+            bar.update(len(chunk))
+        bar.close()
+        self._log_stage(exp, time.time() - t, trials=len(todo))
+
+
+def _load_prompts(spec: str) -> list[str]:
+    from esr.prompts import load_prompts
+
+    return load_prompts(spec)
+
+
+def _sae_identity(spec: str) -> dict:
+    """A directory SAE is identified by its files' content, a registry/release SAE by its name."""
+    from esr.sae import SAES_DIR, sae_registry
+
+    entry = sae_registry().get(spec)
+    path = SAES_DIR / entry["path"] if entry and "path" in entry else Path(spec).expanduser()
+    if path.is_dir():
+        h = hashlib.sha256()
+        for name in ("cfg.json", "sae_weights.safetensors"):
+            f = path / name
+            if f.is_file():
+                with f.open("rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+        return {"name": spec if entry else path.name, "sha256": h.hexdigest()}
+    return {"name": spec, **({k: entry[k] for k in ("release", "id") if k in entry} if entry else {})}
