@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,11 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from esr.judge import GradeRequest, make_judge  # noqa: E402
+from esr.prompts import shared_dir  # noqa: E402
 from esr.segment import split_attempts  # noqa: E402
-
-
-def shared_dir() -> Path:
-    return Path(os.environ.get("ESR_SHARED") or ROOT / ".." / "shared").resolve()
 
 
 def load_reference(limit: int | None) -> list[dict] | None:

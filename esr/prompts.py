@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from esr.errors import EsrError
+from esr.jsonl import read_jsonl
 
 DATA_DIR = Path(__file__).with_name("data")
 BUILTIN = {"howto": DATA_DIR / "howto_prompts.txt"}
@@ -60,17 +61,11 @@ def load_prompts(spec: str) -> list[str]:
                            "paper) nor a file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EsrError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise EsrError(f"{path}:{n}: each line needs a string field \"prompt\"")
-            prompts.append(row["prompt"].strip())
+        rows = read_jsonl(path)
+        bad = next((n for n, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), str)), None)
+        if bad:
+            raise EsrError(f"{path}: row {bad} needs a string field \"prompt\"")
+        prompts = [r["prompt"].strip() for r in rows]
     else:
         prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
 
+from esr.prompts import shared_dir
 from esr.segment import degenerate_reason, find_cues, split_attempts
 
 DATA = Path(__file__).parent / "data"
@@ -19,8 +19,7 @@ def load(name: str) -> list[dict]:
 
 
 def shared_reference() -> Path:
-    root = Path(os.environ.get("ESR_SHARED") or Path(__file__).resolve().parents[1] / ".." / "shared")
-    return root.resolve() / "reference" / "esr-paper"
+    return shared_dir() / "reference" / "esr-paper"
 
 
 def n(text: str) -> int:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from esr.errors import EsrError
+from esr.jsonl import read_jsonl
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,25 +53,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("a")
     p.add_argument("b")
     p.set_defaults(func=cmd_agreement)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        raise EsrError(f"{path}: no such file")
-    rows = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EsrError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise EsrError(f"{path}:{n}: each line must be a JSON object")
-            rows.append(row)
-    return rows
 
 
 def cmd_judge(args) -> int:
