@@ -32,6 +32,9 @@ class TrainConfig:
     store_batch_size_prompts: int = 16
     n_batches_in_buffer: int = 16
     norm_batches: int = 20  # batches used to estimate the activation-norm scaling factor
+    # Steps without firing before a latent counts as dead and the AuxK loss starts reviving it.
+    # 0 = a tenth of the run (at most 1000): SAELens' fixed 1000 never triggers on short CPU runs.
+    dead_feature_window: int = 0
     lr: float = 5e-4
     seed: int = 42
     held_out_fraction: float = 0.02
@@ -104,6 +107,7 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> Path:
         training_tokens=cfg.training_tokens, train_batch_size_tokens=cfg.batch_size_tokens,
         store_batch_size_prompts=cfg.store_batch_size_prompts,
         n_batches_in_buffer=cfg.n_batches_in_buffer, n_batches_for_norm_estimate=cfg.norm_batches,
+        dead_feature_window=cfg.dead_feature_window or max(20, min(1000, steps // 10)),
         lr=cfg.lr, lr_warm_up_steps=min(100, steps // 10), lr_decay_steps=steps // 5,
         device=str(lm.input_device), seed=cfg.seed, dtype="float32",
         logger=LoggingConfig(log_to_wandb=False), checkpoint_path=None,

@@ -20,6 +20,7 @@ batch_size_tokens: 256
 store_batch_size_prompts: 4
 n_batches_in_buffer: 4
 norm_batches: 2
+dead_feature_window: 5
 lr: 0.003
 held_out_fraction: 0.05
 corpus:
