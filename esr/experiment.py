@@ -337,7 +337,9 @@ class TrialsFile:
                 f.flush()
                 os.fsync(f.fileno())
             data = data[:cut]
-        for line in data.decode("utf-8", errors="replace").splitlines():
+        # split on "\n" only: str.splitlines() also breaks at U+2028 & co, which JSON keeps raw
+        # inside strings, and a model's response can contain them.
+        for line in data.decode("utf-8", errors="replace").split("\n"):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -358,15 +360,23 @@ class TrialsFile:
 
 
 def read_trials(path: str | Path) -> list[dict]:
+    """Rows of trials.jsonl; a torn last line (an interrupted append) is skipped, any other bad
+    line is an error: a trial must never vanish silently."""
     rows = []
     p = Path(path)
     if not p.exists():
         return rows
-    for line in p.read_text(encoding="utf-8").splitlines():
+    lines = p.read_text(encoding="utf-8").split("\n")  # not splitlines(): see TrialsFile
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a torn last line of an interrupted run
+            if i == last:
+                continue
+            raise EsrError(f"{p}:{i + 1}: corrupt trial row; fix or remove that line") from None
         if isinstance(row, dict):
             rows.append(row)
     return rows

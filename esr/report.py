@@ -29,7 +29,7 @@ def load_run(run_dir: str | Path) -> dict:
                        "`esr run` wrote")
     cfg = json.loads(meta.read_text())
     cal_path = d / "calibration.json"
-    log = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines() if x.strip()] \
+    log = [json.loads(x) for x in (d / "log.jsonl").read_text().split("\n") if x.strip()] \
         if (d / "log.jsonl").exists() else []
     name = cfg["config"]["run"]["name"] + ("-quick" if cfg.get("quick") else "")
     return {"dir": str(d), "name": name, "model": cfg["config"]["run"]["model"], "config": cfg,

@@ -296,3 +296,18 @@ def test_run_dir_of_another_config_is_refused(tmp_path, sae_dir):
     b = resolve_config(load_config(tiny_config(tmp_path, sae_dir, n=3)))
     with pytest.raises(EsrError, match="holds a run of another config"):
         Run(b, tmp_path / "run", progress=False).execute()
+
+
+def test_trials_with_unicode_line_separators_survive_reading_and_resume(tmp_path):
+    """A response may hold U+2028 / U+0085, which JSON keeps raw; such a trial must not vanish
+    from reports nor be generated again on resume."""
+    from esr.experiment import TrialsFile, read_trials
+
+    path = tmp_path / "trials.jsonl"
+    rows = [{"key": "a", "response": "one\u2028two\x85three"}, {"key": "b", "response": "plain"}]
+    TrialsFile(path).append(rows)
+    assert [r["key"] for r in read_trials(path)] == ["a", "b"]
+    assert TrialsFile(path).keys == {"a", "b"}
+    with path.open("a") as f:
+        f.write('{"key": "c", "resp')  # torn last line: skipped
+    assert [r["key"] for r in read_trials(path)] == ["a", "b"]
