@@ -49,7 +49,7 @@ def _read_texts(path: str) -> list[str]:
     raw = p.read_text(encoding="utf-8", errors="replace")
     if p.suffix == ".jsonl":
         try:
-            return [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+            return [json.loads(line)["text"] for line in raw.split("\n") if line.strip()]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise EsrError(f"{p}: every JSONL line needs a `text` field") from None
     return [block for block in raw.split("\n\n") if block.strip()]
