@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+import warnings
 from functools import cache
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def load_sae(spec: str, device: str = "cpu", dtype: str | None = None):
         if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
             raise EsrError(f"{path} is not a SAELens SAE directory (needs cfg.json and "
                            "sae_weights.safetensors)")
-        sae = SAE.load_from_disk(str(path), device=device, dtype=dtype)
+        with warnings.catch_warnings():  # SAELens' advice about HookedSAETransformer kwargs: not ours
+            warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
+            sae = SAE.load_from_disk(str(path), device=device, dtype=dtype)
     else:
         if entry:
             release, sae_id = entry["release"], entry["id"]
