@@ -16,7 +16,7 @@ import sys
 import tempfile
 import tomllib
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,6 @@ class LoadedModel:
     model: Any  # transformers.PreTrainedModel
     tokenizer: Any
     path: str
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:

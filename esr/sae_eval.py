@@ -56,7 +56,7 @@ def evaluate_sae(lm, sae, texts: list[str], site: Site, max_tokens: int = 50_000
                  context_size: int = 128, batch_size: int = 16) -> SaeEval:
     ids = token_contexts(lm.tokenizer, texts, context_size, max_tokens)
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    sq_err = tot = l0 = 0.0
+    sq_err = l0 = 0.0
     n_tok = 0
     s1 = torch.zeros(lm.d_model, dtype=torch.float64)
     s2 = 0.0
