@@ -13,7 +13,9 @@ Every trial left out is counted by reason (generation error, judge error, never 
 attempts, and degenerate output only when the caller excludes it), instead of silently leaving
 the denominator. Intervals: Wilson 95 % for proportions (Wald fails at p of a few percent), and a
 cluster bootstrap that resamples latents, because the trials of one latent share its boost and
-concept and are not independent. `mcnemar` tests paired outcomes (same trials, two conditions).
+concept and are not independent. `mcnemar` tests paired outcomes (same trials, two conditions);
+`paired_change` gives the rate change and relative reduction an intervention (an ablation) causes
+on the same trials; `mean_estimate` a clustered mean (activation statistics).
 """
 
 from __future__ import annotations
@@ -273,6 +275,97 @@ def paired_outcomes(a: Iterable[Trial], b: Iterable[Trial], outcome: str = "esr"
     index = {t.key: t for t in b if t.key is not None and t.exclusion(exclude_degenerate) is None}
     return [(get(t), get(index[t.key])) for t in a
             if t.key in index and t.exclusion(exclude_degenerate) is None]
+
+
+@dataclass(frozen=True)
+class PairedChange:
+    """One outcome on the same trials without (A) and with (B) an intervention, e.g. exp 1 vs the
+    same trials with latents ablated. B may pool several sets (each A trial then pairs with one
+    trial per set); intervals come from a bootstrap that resamples A's clusters (latents) and keeps
+    every pair of a cluster together, so the repeated use of an A trial is accounted for."""
+
+    outcome: str
+    n_pairs: int
+    n_clusters: int
+    rate_a: Estimate  # over the A trials that have a partner
+    rate_b: Estimate  # over all pairs
+    difference: Estimate  # rate_b - rate_a
+    relative_reduction: Estimate  # (rate_a - rate_b) / rate_a; value None when rate_a is 0
+    mcnemar: McNemarResult | None  # only when B is a single set (pairs are then independent)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_change(a: Iterable[Trial], b_sets: Sequence[Iterable[Trial]], outcome: str = "esr", *,
+                  exclude_degenerate: bool = False, n_boot: int = 2000, seed: int = 0) -> PairedChange:
+    """Rates of `outcome` ("esr" or "multi_attempt") in A and B over trials paired by `key`,
+    their difference and A's relative reduction under B, with cluster-bootstrap intervals."""
+    if outcome not in ("esr", "multi_attempt"):
+        raise ValueError("outcome must be 'esr' or 'multi_attempt'")
+    get = (lambda t: t.is_esr) if outcome == "esr" else (lambda t: t.is_multi)
+    indexes = [{t.key: t for t in b if t.key is not None and t.exclusion(exclude_degenerate) is None}
+               for b in b_sets]
+    ids: dict = {}
+    rows = []  # (cluster id, outcome in A, outcomes in B)
+    for i, t in enumerate(a):
+        if t.key is None or t.exclusion(exclude_degenerate) is not None:
+            continue
+        partners = [get(ix[t.key]) for ix in indexes if t.key in ix]
+        if partners:
+            c = ids.setdefault(("c", t.cluster) if t.cluster is not None else ("t", i), len(ids))
+            rows.append((c, get(t), partners))
+    sums = np.zeros((4, len(ids)))  # n_a, k_a, n_b, k_b per cluster
+    for c, oa, pb in rows:
+        sums[:, c] += (1, oa, len(pb), sum(pb))
+    n_a, k_a, n_b, k_b = (float(x) for x in sums.sum(axis=1))
+    ra = k_a / n_a if n_a else None
+    rb = k_b / n_b if n_b else None
+    boot: dict = {}
+    if n_boot > 0 and len(ids) >= 2:
+        w = np.random.default_rng(seed).multinomial(len(ids), np.full(len(ids), 1 / len(ids)),
+                                                    size=n_boot)
+        bn_a, bk_a, bn_b, bk_b = (w @ sums.T).T
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bra, brb = bk_a / bn_a, bk_b / bn_b
+            samples = {"difference": brb - bra, "relative_reduction": (bra - brb) / bra,
+                       "rate_a": bra, "rate_b": brb}
+        for name, v in samples.items():
+            v = v[np.isfinite(v)]
+            boot[name] = (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if len(v) else None
+    diff = None if ra is None else rb - ra
+    rr = (ra - rb) / ra if ra else None
+    return PairedChange(  # difference and reduction are not counts: numerator holds the value
+        outcome=outcome, n_pairs=int(n_b), n_clusters=len(ids),
+        rate_a=Estimate(ra, k_a, int(n_a), wilson(k_a, int(n_a)), None, boot.get("rate_a")),
+        rate_b=Estimate(rb, k_b, int(n_b), wilson(k_b, int(n_b)), None, boot.get("rate_b")),
+        difference=Estimate(diff, diff or 0.0, int(n_a), None, None, boot.get("difference")),
+        relative_reduction=Estimate(rr, rr or 0.0, int(n_a), None, None,
+                                    boot.get("relative_reduction") if rr is not None else None),
+        mcnemar=mcnemar((oa, pb[0]) for _, oa, pb in rows) if len(b_sets) == 1 else None,
+    )
+
+
+def mean_estimate(values: Sequence[float], clusters: Sequence[Hashable] | None = None, *,
+                  n_boot: int = 2000, seed: int = 0) -> Estimate:
+    """Mean with a normal interval and a bootstrap over clusters (each value its own cluster when
+    none are given), e.g. per-episode activations clustered by steered latent."""
+    xs = [float(x) for x in values]
+    if not xs:
+        return Estimate(None, 0.0, 0)
+    clusters = list(clusters) if clusters is not None else list(range(len(xs)))
+    ids: dict = {}
+    sums = np.zeros((2, len(set(clusters))))
+    for x, c in zip(xs, clusters):
+        sums[:, ids.setdefault(c, len(ids))] += (1, x)
+    boot = None
+    if n_boot > 0 and len(ids) >= 2:
+        w = np.random.default_rng(seed).multinomial(len(ids), np.full(len(ids), 1 / len(ids)),
+                                                    size=n_boot)
+        n, s = (w @ sums.T).T
+        v = s / n
+        boot = (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))
+    return Estimate(sum(xs) / len(xs), sum(xs), len(xs), None, _normal_ci(xs), boot)
 
 
 # ----------------------------------------------------------------------------------------------
