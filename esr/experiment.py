@@ -5,11 +5,17 @@ sampling, latent sampling and calibration settings, and which experiments to run
 
     exp1  ESR across models: each latent steered at its own calibrated threshold
     exp2  boost sweep: levels relative to each latent's own threshold (multiples of it)
+    exp3  OTD ablation: the exp1 trials again with an off-topic-detector set (`esr otd find`)
+          zero-ablated at the site, and with the SAE, where the detectors were found
     exp5  meta-prompts: the exp1 trials again with a self-monitoring instruction in the prompt
     exp8  no-steering baseline: the exp1 prompts and seeds with no intervention
+    exp10 random-latent control: the exp1 trials with random latent sets of the OTD set's size,
+          matched to it on firing frequency and mean activation, ablated the same way
 
 Every experiment shares the same stages: sample latents -> calibrate -> trials -> judge. Trials of
 different experiments share (latent, prompt, seed), so they pair for McNemar tests (row `id`).
+Exp 3 and 10 store the latent sets they ablate in `ablation_sets.json`; a run directory ablates
+one OTD set and one family of random sets, and refuses another (pass another --out).
 
 A run directory holds `config.json` (resolved config and its hash), `versions.json`,
 `latents.json`, `calibration.json`, `trials.jsonl` (one row per trial, appended with flush + fsync
@@ -37,7 +43,8 @@ from typing import Any, Callable
 
 from esr.errors import EsrError
 
-EXPERIMENTS = ("exp1", "exp2", "exp5", "exp8")
+EXPERIMENTS = ("exp1", "exp2", "exp3", "exp5", "exp8", "exp10")
+ABLATION_EXPERIMENTS = ("exp3", "exp10")
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 _REQUIRED = object()
 
@@ -86,10 +93,21 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "latents": ((int,), 0),  # first N calibrated latents (0 = all)
         "prompts_per_latent": ((int,), 3),
     },
+    "exp3": {
+        "otd": ((str,), ""),  # an OTD set file (`esr otd find`); relative = beside the config
+    },
     "exp5": {
         "variants": ((list,), ["self_monitor"]),
     },
+    "exp10": {
+        "sets": ((int,), 3),  # random sets, each the OTD set's size
+        "seed": ((int,), 0),
+    },
 }
+# Sections that only say what exp 3 / 10 ablate: not part of the run hash, so adding the ablation
+# experiments to a finished exp 1 run reuses its directory and pairs with its trials. What was
+# ablated is pinned by ablation_sets.json in the run directory instead.
+_UNHASHED = ("exp3", "exp10")
 
 
 @dataclass
@@ -116,6 +134,8 @@ class ExperimentConfig:
         reuses its directory, latents, thresholds and trials."""
         data = copy.deepcopy(self.data)
         data["run"].pop("experiments")
+        for section in _UNHASHED:
+            data.pop(section, None)
         blob = json.dumps({"config": data, "quick": self.quick}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -228,6 +248,10 @@ def _check_semantics(d: dict, where: str) -> None:
     bad = [v for v in d["exp5"]["variants"] if v not in META_PROMPTS]
     need(bool(d["exp5"]["variants"]) and not bad, "exp5.variants",
          f"must list some of {', '.join(META_PROMPTS)} (got {d['exp5']['variants']!r})")
+    need(d["exp3"]["otd"] != "" or not set(ABLATION_EXPERIMENTS) & set(run["experiments"]),
+         "exp3.otd", "must name an OTD set file (from `esr otd find`) to run exp3 or exp10")
+    need(d["exp10"]["sets"] >= 1, "exp10.sets", "must be >= 1")
+    need(d["exp10"]["seed"] >= 0, "exp10.seed", "must be >= 0")
 
 
 def load_config(path: str | Path, quick: bool = False, overrides: dict | None = None) -> ExperimentConfig:
@@ -246,6 +270,9 @@ def load_config(path: str | Path, quick: bool = False, overrides: dict | None = 
         beside = path.parent / prompts  # a relative prompt file is relative to the config
         if beside.is_file():
             config.data["run"]["prompts"] = str(beside.resolve())
+    otd = config["exp3"]["otd"]
+    if otd and not Path(otd).expanduser().is_absolute():  # beside the config, where it is kept
+        config.data["exp3"]["otd"] = str((path.parent / otd).resolve())
     return config
 
 
@@ -304,6 +331,8 @@ class TrialSpec:
     level: float | None = None  # exp2: multiple of the latent's threshold
     threshold: float | None = None
     variant: str | None = None  # exp5: meta-prompt variant
+    ablate: tuple[int, ...] = ()  # exp3 / exp10: latents zero-ablated ...
+    ablate_site: str = ""  # ... at this site (where their SAE reads)
 
     @property
     def key(self) -> str:
@@ -423,6 +452,8 @@ class Run:
     device_map: str | None = None
     steerer: Any = None
     judge: Any = None
+    otd: Any = None  # the OTD set exp 3 / 10 ablate (esr.otd.OTDSet), loaded by execute
+    ablation: dict = field(default_factory=dict)  # ablation_sets.json: what exp 3 / 10 ablate
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir)
@@ -468,6 +499,13 @@ class Run:
                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}) + "\n")
 
     def _load(self) -> None:
+        self.load_steerer()
+        if self.judge is None:
+            from esr.judge import default_cache_dir, make_judge
+
+            self.judge = make_judge(self.config["run"]["judge"], cache_dir=default_cache_dir())
+
+    def load_steerer(self) -> None:
         if self.steerer is None:
             from esr.models import load_model
             from esr.sae import load_sae
@@ -481,21 +519,134 @@ class Run:
                 sae.to(lm.input_device)
             self.steerer = Steerer(lm, sae=sae, steer_site=run["site"] or None)
             self.log(f"loaded {run['model']} and SAE {run['sae']} ({time.time() - t:.0f}s)")
-        if self.judge is None:
-            from esr.judge import default_cache_dir, make_judge
 
-            self.judge = make_judge(self.config["run"]["judge"], cache_dir=default_cache_dir())
+    # ---- ablation sets (exp 3, exp 10) ---------------------------------------------------------
+    def attach_otd(self) -> None:
+        """Load the OTD set, check it was found on this model with the SAE it names (by content),
+        and make sure the Steerer can ablate with that SAE at the detectors' own site."""
+        from esr.otd import load_otd_set
+        from esr.sae import check_sae_fits, load_sae
+        from esr.sites import Site
+        from esr.steer import Steerer
+
+        path = self.config["exp3"]["otd"]
+        otd = load_otd_set(path)
+        run = self.config["run"]
+        if not _same_model(otd.model, run["model"]):
+            raise EsrError(f"{path}: the OTD set was found on model {otd.model!r}, this run steers "
+                           f"{run['model']!r}; find detectors on this model with `esr otd find`")
+        ident = _sae_identity(otd.sae)
+        if ident.get("sha256") != otd.sae_sha256:
+            raise EsrError(f"{path}: the OTD set was found with SAE {otd.sae} of sha256 "
+                           f"{str(otd.sae_sha256)[:12]}, but that SAE is now {str(ident.get('sha256'))[:12]}"
+                           "; re-run `esr otd find` with the SAE you steer with")
+        st = self.steerer
+        sae = st.sae if _same_sae(ident, _sae_identity(run["sae"])) else None
+        if sae is None:
+            sae = load_sae(otd.sae, device=self.device or "cpu")
+            if self.device is None:
+                sae.to(st.lm.input_device)
+        site = Site.parse(otd.site)
+        reads = check_sae_fits(sae, st.lm.d_model, st.lm.n_layers)
+        if reads != site:
+            raise EsrError(f"{path}: the OTD set names site {site} but its SAE {otd.sae} reads at "
+                           f"{reads}; detectors are ablated only where their SAE reads")
+        if st.saes_by_site.get(site) is not sae:
+            extra = [x for s_, x in st.saes_by_site.items() if x is not st.sae and s_ != site]
+            self.steerer = Steerer(st.lm, sae=st.sae, steer_site=st.steer_site,
+                                   extra_saes=[*extra, sae])
+        self.otd = otd
+        self.log(f"OTD set: {len(otd.latents)} latents at {site} ({otd.sae})")
+
+    def _matching_stats(self, sae) -> tuple[Any, Any, str]:
+        """Per-latent firing frequency and mean activation that random sets are matched on:
+        those the OTD search measured on its own contexts, else the SAE's latent catalog."""
+        import numpy as np
+
+        from esr.otd import activity_from_catalog
+
+        d_sae = sae.cfg.d_sae
+        act = self.otd.activity or {}
+        if len(act.get("frequency") or ()) == d_sae and len(act.get("mean_activation") or ()) == d_sae:
+            return (np.asarray(act["frequency"], float), np.asarray(act["mean_activation"], float),
+                    f"the OTD search's {act.get('tokens', '?')} response tokens")
+        from esr.catalog import CATALOG_FILE, load_catalog
+
+        d = _sae_dir(self.otd.sae)
+        if d is not None and (d / CATALOG_FILE).is_file():
+            freq, mean = activity_from_catalog(load_catalog(d), d_sae)
+            return freq, mean, f"the latent catalog of {self.otd.sae}"
+        raise EsrError(f"exp10 needs every latent's firing frequency and mean activation to match "
+                       f"random sets to the OTD set: neither {self.config['exp3']['otd']} nor a "
+                       f"latent catalog of {self.otd.sae} has them (build one with `esr sae catalog`)")
+
+    def stage_ablation_sets(self, sample) -> dict:
+        """ablation_sets.json: the OTD set and the matched random sets this run ablates. Written
+        once; a later run in the same directory must ablate the same sets."""
+        path = self.run_dir / "ablation_sets.json"
+        otd = self.otd
+        mine = {"latents": list(otd.latents), "site": otd.site, "sae": otd.sae,
+                "sae_sha256": otd.sae_sha256, "model": otd.model, "file": self.config["exp3"]["otd"]}
+        rec = json.loads(path.read_text()) if path.exists() else {}
+        theirs = rec.get("otd")
+        if theirs and {k: theirs.get(k) for k in ("latents", "site", "sae_sha256")} != \
+                {k: mine[k] for k in ("latents", "site", "sae_sha256")}:
+            raise EsrError(f"{self.run_dir} ablated another OTD set ({theirs.get('file')}, "
+                           f"{len(theirs.get('latents', []))} latents); pass another --out")
+        rec["otd"] = theirs or mine
+        want = {"sets": self.config["exp10"]["sets"], "seed": self.config["exp10"]["seed"]}
+        rnd = rec.get("random")
+        if rnd and {k: rnd.get(k) for k in want} != want and "exp10" in self.config.experiments:
+            raise EsrError(f"{self.run_dir} ran exp10 with {rnd.get('sets')} random sets and seed "
+                           f"{rnd.get('seed')}, not {want['sets']} and {want['seed']}; keep "
+                           "exp10.sets and exp10.seed or pass another --out")
+        if rnd is None and "exp10" in self.config.experiments:
+            from esr.otd import matched_random_sets
+
+            sae = self.steerer.saes_by_site[self._otd_site()]
+            freq, mean, source = self._matching_stats(sae)
+            sets, report = matched_random_sets(otd.latents, freq, mean, want["sets"], want["seed"],
+                                               exclude=sample.latents)
+            rec["random"] = {**want, "stats_source": source,
+                             "excluded": "the OTD set and the steered latents",
+                             "latents": [list(x) for x in sets], "matching": report}
+            self.log(f"exp10: {len(sets)} random sets of {len(otd.latents)} latents matched on "
+                     f"firing frequency and mean activation ({source})")
+        _write_json(path, rec)
+        return rec
+
+    def _otd_site(self):
+        from esr.sites import Site
+
+        return Site.parse(self.otd.site)
+
+    def ablation_conditions(self, exp: str) -> list[tuple[str, tuple[int, ...]]]:
+        """(condition, latents) for exp 3 or exp 10, from ablation_sets.json."""
+        if exp == "exp3":
+            return [("ablate_otd", tuple(self.ablation["otd"]["latents"]))]
+        return [(f"ablate_random:{i}", tuple(x))
+                for i, x in enumerate(self.ablation["random"]["latents"])]
 
     # ---- stages --------------------------------------------------------------------------------
     def execute(self) -> Path:
         self._open_dir()
         try:
             self._load()
+            ablating = bool(set(ABLATION_EXPERIMENTS) & set(self.config.experiments))
+            if ablating:
+                self.attach_otd()
+                if "exp1" not in self.config.experiments:
+                    self.log("note: exp3 / exp10 trials pair with exp 1's; run exp1 too if this "
+                             "directory has none")
             sample = self.stage_latents()
-            needs_threshold = any(e in self.config.experiments for e in ("exp1", "exp2", "exp5"))
+            needs_threshold = bool({"exp1", "exp2", "exp5", *ABLATION_EXPERIMENTS}
+                                   & set(self.config.experiments))
             thresholds = self.stage_calibrate(sample) if needs_threshold else {}
+            if ablating:
+                self.ablation = self.stage_ablation_sets(sample)
             plan = [(exp, self.trial_specs(exp, sample, thresholds))
-                    for exp in ("exp1", "exp8", "exp2", "exp5") if exp in self.config.experiments]
+                    for exp in ("exp1", "exp8", "exp2", "exp5", "exp3", "exp10")
+                    if exp in self.config.experiments]
             self.log("trials: " + ", ".join(f"{exp} {len(specs)}" for exp, specs in plan))
             for exp, specs in plan:
                 self.stage_trials(exp, specs, sample)
@@ -682,6 +833,8 @@ class Run:
               and r.get("threshold") is not None}
         latents = [j for j in sample.latents if j in ok] if thresholds else list(sample.latents)
         n_prompts = c["latents"]["prompts_per_latent"]
+        if exp in ABLATION_EXPERIMENTS:
+            return self._ablation_specs(exp, self.trial_specs("exp1", sample, thresholds))
         specs = []
         if exp == "exp2":
             n_lat = c["exp2"]["latents"] or len(latents)
@@ -701,6 +854,22 @@ class Run:
                 elif exp == "exp5":
                     for v in c["exp5"]["variants"]:
                         specs.append(TrialSpec(exp, f"meta:{v}", j, p, s, thr, 1.0, thr, v))
+        return specs
+
+    def _ablation_specs(self, exp: str, base: list[TrialSpec]) -> list[TrialSpec]:
+        """Exp 1's trials again with a latent set ablated. A trial whose steered latent is in the
+        set is left out: ablating it would undo the steering, not the detection."""
+        specs, skipped = [], 0
+        site = self.otd.site
+        for cond, latents in self.ablation_conditions(exp):
+            for s in base:
+                if s.latent in latents:
+                    skipped += 1
+                    continue
+                specs.append(TrialSpec(exp, cond, s.latent, s.prompt_index, s.seed, s.value,
+                                       s.level, s.threshold, ablate=latents, ablate_site=site))
+        if skipped:
+            self.log(f"{exp}: {skipped} trials left out: their steered latent is in the ablated set")
         return specs
 
     def _reuse_identical(self, exp: str, todo: list[TrialSpec], trials: TrialsFile, sample):
@@ -728,7 +897,7 @@ class Run:
 
         from esr.judge import GradeRequest
         from esr.prompts import apply_meta_prompt
-        from esr.steer import Steer
+        from esr.steer import Ablate, Steer
 
         trials = TrialsFile(self.run_dir / "trials.jsonl")
         todo = [s for s in specs if s.key not in trials.keys]
@@ -745,7 +914,8 @@ class Run:
             users = [apply_meta_prompt(s.variant, self.prompts[s.prompt_index],
                                        sample.labels.get(s.latent)) if s.variant
                      else self.prompts[s.prompt_index] for s in chunk]
-            ivs = [[Steer(s.value, latent=s.latent)] if s.value else [] for s in chunk]
+            ivs = [([Steer(s.value, latent=s.latent)] if s.value else [])
+                   + ([Ablate(s.ablate, site=s.ablate_site)] if s.ablate else []) for s in chunk]
             t_gen = time.time()
             gens = self._generate(users, ivs, [s.seed for s in chunk])
             gen_s = time.time() - t_gen
@@ -760,7 +930,9 @@ class Run:
                     "latent": s.latent, "label": sample.labels.get(s.latent, ""),
                     "prompt_index": s.prompt_index, "prompt": self.prompts[s.prompt_index],
                     "user_message": u, "variant": s.variant, "value": s.value, "level": s.level,
-                    "threshold": s.threshold, "seed": s.seed, "response": g.text,
+                    "threshold": s.threshold, "seed": s.seed,
+                    "ablated": list(s.ablate) or None, "ablate_site": s.ablate_site or None,
+                    "response": g.text,
                     "n_tokens": len(g.token_ids), "finish_reason": g.finish_reason,
                     "gen_seconds_batch": round(gen_s, 2), "error": None, **gr.to_row(),
                 })
@@ -776,13 +948,41 @@ def _load_prompts(spec: str) -> list[str]:
     return load_prompts(spec)
 
 
-def _sae_identity(spec: str) -> dict:
-    """A directory SAE is identified by its files' content, a registry/release SAE by its name."""
+def _sae_dir(spec: str) -> Path | None:
+    """The directory an SAE spec loads from, or None for a release SAE."""
     from esr.sae import SAES_DIR, sae_registry
 
     entry = sae_registry().get(spec)
     path = SAES_DIR / entry["path"] if entry and "path" in entry else Path(spec).expanduser()
-    if path.is_dir():
+    return path if path.is_dir() else None
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Registry name, hub id or directory naming the same model."""
+    from esr.models import resolve
+
+    if a == b:
+        return True
+    try:
+        return resolve(a).name == resolve(b).name
+    except EsrError:
+        return False
+
+
+def _same_sae(a: dict, b: dict) -> bool:
+    """Two identities (see _sae_identity) of one SAE: by content where known, else by name."""
+    if a.get("sha256") or b.get("sha256"):
+        return a.get("sha256") == b.get("sha256")
+    return a == b
+
+
+def _sae_identity(spec: str) -> dict:
+    """A directory SAE is identified by its files' content, a registry/release SAE by its name."""
+    from esr.sae import sae_registry
+
+    entry = sae_registry().get(spec)
+    path = _sae_dir(spec)
+    if path is not None:
         h = hashlib.sha256()
         for name in ("cfg.json", "sae_weights.safetensors"):
             f = path / name

@@ -114,8 +114,9 @@ def test_config_errors_name_file_and_key(tmp_path, sae_dir, edit, message):
 
 
 def test_bad_experiment_list_and_missing_file(tmp_path, sae_dir):
-    path = tiny_config(tmp_path, sae_dir, experiments='["exp1", "exp3"]')
-    with pytest.raises(EsrError, match="run.experiments must list some of exp1, exp2, exp5, exp8"):
+    path = tiny_config(tmp_path, sae_dir, experiments='["exp1", "exp4"]')
+    with pytest.raises(EsrError, match="run.experiments must list some of exp1, exp2, exp3, exp5, "
+                                       "exp8, exp10"):
         load_config(path)
     with pytest.raises(EsrError, match="no such experiment config"):
         load_config(tmp_path / "nope.toml")

@@ -1,4 +1,4 @@
-"""`esr run`, `esr report`, `esr reproduce`: ESR experiments end to end."""
+"""`esr run`, `esr report`, `esr reproduce`, `esr ablate`: ESR experiments end to end."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from esr.errors import EsrError
 
-EXP_NAMES = {"1": "exp1", "2": "exp2", "5": "exp5", "8": "exp8"}
+EXP_NAMES = {"1": "exp1", "2": "exp2", "3": "exp3", "5": "exp5", "8": "exp8", "10": "exp10"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +49,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="run experiments 1, 8, 2 and 5")
     p.set_defaults(func=cmd_reproduce)
 
+    p = sub.add_parser(
+        "ablate", help="exp 1 trials with the OTD set and matched random sets ablated (exp 3, 10)",
+        description="Run experiment 1 and the same trials again with an off-topic-detector set "
+        "zero-ablated where its SAE reads (exp 3) and with random latent sets of its size, "
+        "matched on firing frequency and mean activation (exp 10), then print the report with "
+        "paired McNemar tests and relative reductions. Same as `esr run CONFIG --experiments "
+        "1,3,10 --otd FILE` followed by `esr report`.",
+        epilog="example: esr ablate experiments/smollm2-135m-instruct.toml --otd otd.json --quick")
+    p.add_argument("config", help="experiment config (TOML), e.g. experiments/<model>.toml")
+    _add_run_args(p)
+    p.add_argument("--random-sets", type=int, help="number of matched random sets (exp10.sets); "
+                   "0: no random-latent control")
+    p.set_defaults(func=cmd_ablate)
+
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
@@ -60,6 +74,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge", help="judge override: offline | anthropic:<model> | "
                    "openai:<model>[@<url>]")
     p.add_argument("--latents", type=int, help="number of latents override")
+    p.add_argument("--otd", help="OTD set file for exp 3 / 10 (from `esr otd find`)")
     p.add_argument("--out", dest="run_dir", help="run directory (default: runs/<name>-<config hash>)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--device-map", help="accelerate device map for large models, e.g. auto")
@@ -74,7 +89,7 @@ def _experiments(arg: str | None) -> list[str] | None:
         part = part.strip().lower()
         name = EXP_NAMES.get(part.removeprefix("exp"))
         if name is None:
-            raise EsrError(f"unknown experiment {part!r}: use 1, 2, 5, 8 (or exp1, ...)")
+            raise EsrError(f"unknown experiment {part!r}: use 1, 2, 3, 5, 8, 10 (or exp1, ...)")
         out.append(name)
     return out
 
@@ -91,6 +106,10 @@ def _overrides(args, experiments: list[str] | None) -> dict:
     over: dict = {"run": run} if run else {}
     if args.latents is not None:
         over["latents"] = {"n": args.latents}
+    if getattr(args, "otd", None):
+        over["exp3"] = {"otd": str(Path(args.otd).expanduser().resolve())}
+    if getattr(args, "random_sets", None):
+        over["exp10"] = {"sets": args.random_sets}
     return over
 
 
@@ -147,5 +166,23 @@ def cmd_reproduce(args) -> int:
     text, files = write_report([run_dir], run_dir / "report")
     print(text)
     print(f"\nesr: reproduce finished in {(time.time() - t) / 60:.1f} min; wrote "
+          f"{', '.join(str(f) for f in files)}", file=sys.stderr)
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from esr.report import write_report
+
+    if args.experiments:
+        raise EsrError("esr ablate runs experiments 1, 3 and 10; use `esr run --experiments` for "
+                       "another choice")
+    if args.random_sets is not None and args.random_sets < 0:
+        raise EsrError(f"--random-sets must be >= 0, got {args.random_sets}")
+    t = time.time()
+    run_dir = _execute(args.config, args, ["exp1", "exp3"] + (["exp10"] if args.random_sets != 0
+                                                             else []))
+    text, files = write_report([run_dir], run_dir / "report")
+    print(text)
+    print(f"\nesr: ablate finished in {(time.time() - t) / 60:.1f} min; wrote "
           f"{', '.join(str(f) for f in files)}", file=sys.stderr)
     return 0
