@@ -36,6 +36,12 @@ class TrainConfig:
     # 0 = a tenth of the run (at most 1000): SAELens' fixed 1000 never triggers on short CPU runs.
     dead_feature_window: int = 0
     lr: float = 5e-4
+    # Run the model's forward in bfloat16 autocast while collecting activations: ~2x faster on a
+    # CPU with bf16 matmuls, ~0.7 % median relative error in the activations (SAE stays float32).
+    autocast_lm: bool = False
+    # Checkpoints saved during the run (under <out>/checkpoints); a rerun of the same config
+    # resumes from the newest one instead of starting over.
+    checkpoints: int = 0
     seed: int = 42
     held_out_fraction: float = 0.02
     out: str = ""  # "" = saes/<name> next to the config
@@ -77,8 +83,37 @@ def _sae_config(cfg: TrainConfig, d_in: int):
     return JumpReLUTrainingSAEConfig(l0_coefficient=cfg.l0_coefficient, **common)
 
 
+def _config_hash(cfg: TrainConfig) -> str:
+    import hashlib
+
+    d = asdict(cfg)
+    d.pop("out")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def latest_checkpoint(out: Path, cfg: TrainConfig) -> Path | None:
+    """The newest complete checkpoint of a run of this very config, if any.
+
+    SAELens writes <out>/checkpoints/<run id>/<samples>/; we mark each run id with the hash of the
+    config it trained, so a changed config never resumes from a stale run."""
+    best, best_n = None, -1
+    for run in (out / "checkpoints").glob("*"):
+        mark = run / "esr_config.json"
+        if not mark.is_file() or json.loads(mark.read_text()).get("hash") != _config_hash(cfg):
+            continue
+        for ck in run.iterdir():
+            # runner_cfg.json is written last: a checkpoint torn by a kill lacks it
+            done = all((ck / f).is_file() for f in ("sae_weights.safetensors", "trainer_state.pt",
+                                                     "activations_store_state.safetensors",
+                                                     "runner_cfg.json"))
+            if ck.name.isdigit() and done and int(ck.name) > best_n:
+                best, best_n = ck, int(ck.name)
+    return best
+
+
 def train_sae(cfg: TrainConfig, progress: bool = True) -> Path:
-    """Run the training; returns the output directory. Deterministic given the config's seed."""
+    """Run the training (resuming from this config's newest checkpoint, if any); returns the
+    output directory. Deterministic given the config's seed, when not interrupted."""
     import torch
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
 
@@ -97,6 +132,9 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = cfg.training_tokens // cfg.batch_size_tokens
+    resume = latest_checkpoint(out, cfg) if cfg.checkpoints else None
+    if resume is not None and progress:
+        print(f"resuming from {resume}", flush=True)
     runner_cfg = LanguageModelSAERunnerConfig(
         sae=_sae_config(cfg, lm.d_model),
         model_name=f"esr:{cfg.model}", hook_name=site.name, dataset_path="",
@@ -110,11 +148,23 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> Path:
         dead_feature_window=cfg.dead_feature_window or max(20, min(1000, steps // 10)),
         lr=cfg.lr, lr_warm_up_steps=min(100, steps // 10), lr_decay_steps=steps // 5,
         device=str(lm.input_device), seed=cfg.seed, dtype="float32",
-        logger=LoggingConfig(log_to_wandb=False), checkpoint_path=None,
+        autocast_lm=cfg.autocast_lm,
+        logger=LoggingConfig(log_to_wandb=False),
+        checkpoint_path=str(out / "checkpoints") if cfg.checkpoints else None,
+        n_checkpoints=cfg.checkpoints, save_final_checkpoint=False,
+        resume_from_checkpoint=str(resume) if resume else None,
         output_path=str(out), verbose=progress,
     )
+    if runner_cfg.checkpoint_path:  # SAELens appended a fresh run id: mark it with our config
+        run_dir = Path(runner_cfg.checkpoint_path)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "esr_config.json").write_text(json.dumps({"hash": _config_hash(cfg)}))
     tl = hooked_transformer(lm, n_ctx=max(cfg.context_size, 256))
     LanguageModelSAETrainingRunner(runner_cfg, override_dataset=train, override_model=tl).run()
+    if cfg.checkpoints:  # finished: the (large, optimizer-state) checkpoints have served
+        import shutil
+
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     with gzip.open(out / "heldout.jsonl.gz", "wt") as f:
         for text in held["text"]:
             f.write(json.dumps({"text": text}) + "\n")
@@ -122,5 +172,6 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> Path:
         "config": asdict(cfg), "site": site.name, "corpus": [asdict(s) for s in stats],
         "train_documents": len(train), "held_out_documents": len(held),
         "wall_seconds": round(time.time() - t0, 1),
+        "resumed_from": str(resume.relative_to(out)) if resume else None,
     }, indent=2))
     return out

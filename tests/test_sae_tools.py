@@ -75,3 +75,42 @@ def test_config_errors_are_readable(tmp_path):
     bad.write_text("name: x\narchitecture: relu\n")
     with pytest.raises(EsrError, match="topk or jumprelu"):
         TrainConfig.load(bad)
+
+
+def test_shipped_default_sae_reconstructs_heldout_text(lm):
+    """The SAE the model registry names as default loads from the repo and meets the quality bar
+    on its own held-out split (a slice of it: the full numbers are in its card)."""
+    from esr.sae import SAES_DIR, load_sae, sae_registry, sae_site
+    from esr.sae_eval import evaluate_sae, heldout_texts
+
+    name = lm.spec.default_sae
+    sae = load_sae(name)
+    texts = heldout_texts(SAES_DIR / sae_registry()[name]["path"])
+    assert texts, "the shipped SAE must carry its held-out text"
+    # every k-th document, so 4k tokens span the held-out set rather than its first two files
+    texts = texts[::max(1, len(texts) // 48)]
+    got = evaluate_sae(lm, sae, texts, sae_site(sae), max_tokens=4096)
+    assert got.n_tokens > 3000
+    assert got.explained_variance >= 0.8
+    assert got.l0 <= 64
+
+
+def test_training_resumes_from_its_newest_checkpoint(tmp_path, lm, monkeypatch):
+    import shutil
+    from dataclasses import replace
+
+    from esr.sae_train import latest_checkpoint, train_sae
+
+    (tmp_path / "train.yaml").write_text(TINY + "checkpoints: 3\n")
+    cfg = TrainConfig.load(tmp_path / "train.yaml")
+    # a first run whose checkpoints survive, as when it is killed before the end
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)
+    train_sae(cfg, progress=False)
+    monkeypatch.undo()
+    ck = latest_checkpoint(tmp_path, cfg)
+    assert ck is not None and int(ck.name) >= 3 * 4096 // 4
+    assert latest_checkpoint(tmp_path, replace(cfg, lr=0.001)) is None  # another config: no resume
+    out = train_sae(cfg, progress=False)
+    record = json.loads((out / "training.json").read_text())
+    assert record["resumed_from"] == str(ck.relative_to(tmp_path))
+    assert not (out / "checkpoints").exists()  # a finished run cleans up its checkpoints
