@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,8 +45,11 @@ def _label(entry_tokens: list[str], promoted: list[str], dead: bool) -> str:
     return f"fires on {'/'.join(fires)}; promotes {'/'.join(writes) or '-'}"
 
 
-def logit_lens(lm, sae, top: int = 10, chunk: int = 512) -> tuple[list[list[int]], list[list[int]]]:
-    """Top promoted / suppressed token ids per latent: W_U · (norm_weight ⊙ d_i)."""
+def logit_lens(lm, sae, top: int = 10, chunk: int = 512, latents: Sequence[int] | None = None
+               ) -> tuple[list[list[int]], list[list[int]]]:
+    """Top promoted / suppressed token ids per latent: W_U · (norm_weight ⊙ d_i).
+
+    `latents` restricts it to those decoder rows (in that order); default: every latent."""
     model = lm.model
     w_u = model.get_output_embeddings().weight.float()  # [vocab, d]
     norm = getattr(getattr(model, "model", model), "norm", None)
@@ -54,8 +58,10 @@ def logit_lens(lm, sae, top: int = 10, chunk: int = 512) -> tuple[list[list[int]
         scale = 1.0 + scale
     up, down = [], []
     with torch.inference_mode():
-        for i in range(0, sae.cfg.d_sae, chunk):
-            d = sae.W_dec[i:i + chunk].float().to(w_u.device) * scale
+        rows = (torch.arange(sae.cfg.d_sae) if latents is None
+                else torch.tensor(list(latents), dtype=torch.long))
+        for i in range(0, len(rows), chunk):
+            d = sae.W_dec[rows[i:i + chunk].to(sae.W_dec.device)].float().to(w_u.device) * scale
             logits = d @ w_u.T
             up += logits.topk(top, dim=1).indices.tolist()
             down += (-logits).topk(top, dim=1).indices.tolist()
