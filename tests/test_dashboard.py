@@ -30,7 +30,8 @@ def latents(lm):
 
     name = lm.spec.default_sae
     catalog = catalog_for(name, load_sae(name).cfg.d_sae)
-    return [e.latent for e in find_by_label(catalog, "python", limit=3)], catalog
+    hits = find_by_label(catalog, "python", limit=3) or find_by_label(catalog, "", limit=3)
+    return [e.latent for e in hits], catalog
 
 
 @pytest.fixture(scope="module")

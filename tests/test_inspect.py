@@ -40,8 +40,10 @@ def catalog(steerer, default_sae_name):
 
 @pytest.fixture(scope="module")
 def python_latent(catalog):
-    """The most frequent live latent whose label says it fires on 'python'."""
-    return find_by_label(catalog, r"fires on [^;]*python", limit=1)[0]
+    """The most frequent live latent that fires on 'python' (else the most frequent one: the
+    default SAE will be retrained)."""
+    hits = find_by_label(catalog, r"fires on [^;]*python", limit=1) or find_by_label(catalog, "", limit=1)
+    return hits[0]
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +111,8 @@ def test_card_without_a_catalog_uses_the_lens_and_texts(lm, sae):
 
 
 def test_find_by_label(catalog):
-    hits = find_by_label(catalog, "PYTHON", limit=50)
-    assert hits and all("python" in e.label.lower() and e.frequency > 0 for e in hits)
+    hits = find_by_label(catalog, "FIRES ON", limit=50)
+    assert len(hits) == 50 and all(e.label.startswith("fires on") and e.frequency > 0 for e in hits)
     assert [e.frequency for e in hits] == sorted((e.frequency for e in hits), reverse=True)
     dead = find_by_label(catalog, "^dead", include_dead=True, limit=5)
     assert len(dead) == 5 and not find_by_label(catalog, "^dead")
@@ -145,9 +147,9 @@ def test_inspect_command(capsys, card, catalog, default_sae_name):
     assert got["sae"] == default_sae_name and got["label"] == card.label
     assert [s["text"] for s in got["samples"]] == [s.text for s in card.samples]
 
-    assert main(["inspect", "--find", "python", "--top", "3"]) == 0
+    assert main(["inspect", "--find", "fires on", "--top", "3"]) == 0  # every live latent's label
     rows = capsys.readouterr().out.strip().splitlines()
-    assert [int(r.split()[0]) for r in rows] == [e.latent for e in find_by_label(catalog, "python", 3)]
+    assert [int(r.split()[0]) for r in rows] == [e.latent for e in find_by_label(catalog, "fires on", 3)]
 
     assert main(["inspect", "--fires-on", "import os\nprint(os.getcwd())", "--top", "4"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 5  # header + 4 latents
