@@ -346,15 +346,16 @@ def plot_meta(a: dict, path: Path) -> Path | None:
 
 
 def plot_ablation(a: dict, path: Path) -> Path | None:
-    """Per run: rates without and with each ablation, and the relative reductions."""
+    """Per run: rates without and with each ablation, the relative reductions, and the mean
+    first-attempt score (an ablation that degrades every answer also changes the rates)."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     runs = [r for r in a["runs"] if r.get("ablation")]
     if not runs:
         return None
-    fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.8 * len(runs)), squeeze=False)
-    for (ax_rate, ax_rr), r in zip(axes, runs):
+    fig, axes = plt.subplots(len(runs), 3, figsize=(17, 3.8 * len(runs)), squeeze=False)
+    for (ax_rate, ax_rr, ax_score), r in zip(axes, runs):
         abl = r["ablation"]
         names = ["exp1 (same trials)"] + [x["name"].replace("ablate_", "") for x in abl]
         x = np.arange(len(names))
@@ -377,6 +378,21 @@ def plot_ablation(a: dict, path: Path) -> Path | None:
         ax_rr.set_xticks(x[1:], names[1:], fontsize=7, rotation=20)
         ax_rr.set_ylabel("relative reduction vs exp1 (%)")
         ax_rr.set_title("relative reduction (95% paired latent bootstrap)", fontsize=9)
+        if all(c[o].relative_reduction.value is None for c in abl for o in ("multi_attempt", "esr")):
+            ax_rr.text(0.5, 0.75, "undefined: no multi-attempt trial in exp 1", ha="center",
+                       transform=ax_rr.transAxes, fontsize=9)
+        gs = [g for g in r["groups"] if (g["experiment"], g["condition"]) == ("exp1", "steered")
+              or g["experiment"] in ("exp3", "exp10")]
+        es = [g["metrics"].mean_first_score for g in gs]
+        ax_score.bar(np.arange(len(gs)), [e.value or 0 for e in es], color="tab:green",
+                     yerr=np.array([[(e.value - e.normal[0]) if e.normal else 0 for e in es],
+                                    [(e.normal[1] - e.value) if e.normal else 0 for e in es]]),
+                     capsize=3)
+        ax_score.set_xticks(np.arange(len(gs)), [f"{g['experiment']} "
+                                                 f"{g['condition'].replace('ablate_', '')}"
+                                                 for g in gs], fontsize=7, rotation=20)
+        ax_score.set_ylabel("mean first-attempt score")
+        ax_score.set_title("first-attempt score (95% normal)", fontsize=9)
     fig.suptitle("Ablating the off-topic detectors vs matched random latents, same trials", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
