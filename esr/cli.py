@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "esr.commands.specificity",
     "esr.commands.judge",
     "esr.commands.experiments",
+    "esr.commands.otd",
     "esr.commands.inspect",
     "esr.commands.trace",
 ]
