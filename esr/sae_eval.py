@@ -5,6 +5,12 @@ l0: mean number of active latents per token. dead_fraction: latents that never f
 ce_loss_recovered: (CE_zero - CE_sae) / (CE_zero - CE_clean), where the site's activation is
 replaced by the SAE's reconstruction (CE_sae) or by zeros (CE_zero) at ordinary-token positions:
 the share of the damage from deleting the site that the SAE repairs.
+
+Besides special tokens, "massive-activation" positions (residual norm > MASSIVE x the batch's
+median: attention sinks such as SmolLM2's first ordinary token after a chat delimiter, ~18,000
+against a median of ~170) are left out of every number and never spliced. A handful of them would
+otherwise hold most of the variance and decide the explained variance on their own (on the interim
+SmolLM2 SAE: 0.93 with them, 0.76 without, on 16 k held-out tokens); their count is reported.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import torch
 from esr.activations import at_site, batches, special_mask, token_contexts
 from esr.sites import Site
 
+MASSIVE = 10.0  # x the median residual norm: an attention-sink position, not text
+
 
 @dataclass
 class SaeEval:
@@ -30,6 +38,7 @@ class SaeEval:
     ce_sae: float
     ce_zero: float
     n_tokens: int
+    massive_excluded: int
     site: str
 
     def to_dict(self) -> dict:
@@ -57,7 +66,7 @@ def evaluate_sae(lm, sae, texts: list[str], site: Site, max_tokens: int = 50_000
     ids = token_contexts(lm.tokenizer, texts, context_size, max_tokens)
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     sq_err = l0 = 0.0
-    n_tok = 0
+    n_tok = n_massive = 0
     s1 = torch.zeros(lm.d_model, dtype=torch.float64)
     s2 = 0.0
     ce = {"clean": [0.0, 0], "sae": [0.0, 0], "zero": [0.0, 0]}
@@ -66,7 +75,13 @@ def evaluate_sae(lm, sae, texts: list[str], site: Site, max_tokens: int = 50_000
         keep = special_mask(lm.tokenizer, batch).to(dev)
         for mode in ce:
             def splice(h, mode=mode):
-                if mode == "clean":
+                nonlocal keep, n_massive
+                if mode == "clean":  # runs first: find this batch's massive positions
+                    norm = h.float().norm(dim=-1)
+                    if keep.any():
+                        big = keep & (norm > MASSIVE * norm[keep].median())
+                        n_massive += int(big.sum())
+                        keep = keep & ~big
                     return None
                 x = h.float()
                 with torch.no_grad():
@@ -96,5 +111,5 @@ def evaluate_sae(lm, sae, texts: list[str], site: Site, max_tokens: int = 50_000
         dead_fraction=round(1 - float(fired.float().mean()), 4),
         ce_loss_recovered=round((c["zero"] - c["sae"]) / (c["zero"] - c["clean"]), 4),
         ce_clean=round(c["clean"], 4), ce_sae=round(c["sae"], 4), ce_zero=round(c["zero"], 4),
-        n_tokens=n_tok, site=site.name,
+        n_tokens=n_tok, massive_excluded=n_massive, site=site.name,
     )
