@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from esr.errors import EsrError
+from esr.sae import sae_dir, sae_identity, same_sae
 
 EXPERIMENTS = ("exp1", "exp2", "exp3", "exp5", "exp8", "exp10")
 ABLATION_EXPERIMENTS = ("exp3", "exp10")
@@ -535,13 +536,13 @@ class Run:
         if not _same_model(otd.model, run["model"]):
             raise EsrError(f"{path}: the OTD set was found on model {otd.model!r}, this run steers "
                            f"{run['model']!r}; find detectors on this model with `esr otd find`")
-        ident = _sae_identity(otd.sae)
+        ident = sae_identity(otd.sae)
         if ident.get("sha256") != otd.sae_sha256:
             raise EsrError(f"{path}: the OTD set was found with SAE {otd.sae} of sha256 "
                            f"{str(otd.sae_sha256)[:12]}, but that SAE is now {str(ident.get('sha256'))[:12]}"
                            "; re-run `esr otd find` with the SAE you steer with")
         st = self.steerer
-        sae = st.sae if _same_sae(ident, _sae_identity(run["sae"])) else None
+        sae = st.sae if same_sae(ident, sae_identity(run["sae"])) else None
         if sae is None:
             sae = load_sae(otd.sae, device=self.device or "cpu")
             if self.device is None:
@@ -572,7 +573,7 @@ class Run:
                     f"the OTD search's {act.get('tokens', '?')} response tokens")
         from esr.catalog import CATALOG_FILE, load_catalog
 
-        d = _sae_dir(self.otd.sae)
+        d = sae_dir(self.otd.sae)
         if d is not None and (d / CATALOG_FILE).is_file():
             freq, mean = activity_from_catalog(load_catalog(d), d_sae)
             return freq, mean, f"the latent catalog of {self.otd.sae}"
@@ -693,15 +694,12 @@ class Run:
 
     def _catalog(self):
         from esr.catalog import CATALOG_FILE, load_catalog
-        from esr.sae import SAES_DIR, sae_registry
 
         c = self.config["latents"]
         if c["catalog"]:
             return load_catalog(c["catalog"])
-        spec = self.config["run"]["sae"]
-        entry = sae_registry().get(spec)
-        d = SAES_DIR / entry["path"] if entry and "path" in entry else Path(spec).expanduser()
-        if (d / CATALOG_FILE).is_file():
+        d = sae_dir(self.config["run"]["sae"])
+        if d is not None and (d / CATALOG_FILE).is_file():
             return load_catalog(d)
         return None
 
@@ -715,7 +713,7 @@ class Run:
             "version": 1,
             "model": {"name": lm.spec.name, "repo": lm.spec.repo, "sha256": lm.spec.sha256,
                       "dtype": str(next(lm.model.parameters()).dtype)},
-            "sae": _sae_identity(run["sae"]),
+            "sae": sae_identity(run["sae"]),
             "site": str(self.steerer.steer_site),
             "latent": latent,
             "judge": {"id": self.judge.id, "protocol": self.judge.protocol},
@@ -948,15 +946,6 @@ def _load_prompts(spec: str) -> list[str]:
     return load_prompts(spec)
 
 
-def _sae_dir(spec: str) -> Path | None:
-    """The directory an SAE spec loads from, or None for a release SAE."""
-    from esr.sae import SAES_DIR, sae_registry
-
-    entry = sae_registry().get(spec)
-    path = SAES_DIR / entry["path"] if entry and "path" in entry else Path(spec).expanduser()
-    return path if path.is_dir() else None
-
-
 def _same_model(a: str, b: str) -> bool:
     """Registry name, hub id or directory naming the same model."""
     from esr.models import resolve
@@ -967,28 +956,3 @@ def _same_model(a: str, b: str) -> bool:
         return resolve(a).name == resolve(b).name
     except EsrError:
         return False
-
-
-def _same_sae(a: dict, b: dict) -> bool:
-    """Two identities (see _sae_identity) of one SAE: by content where known, else by name."""
-    if a.get("sha256") or b.get("sha256"):
-        return a.get("sha256") == b.get("sha256")
-    return a == b
-
-
-def _sae_identity(spec: str) -> dict:
-    """A directory SAE is identified by its files' content, a registry/release SAE by its name."""
-    from esr.sae import sae_registry
-
-    entry = sae_registry().get(spec)
-    path = _sae_dir(spec)
-    if path is not None:
-        h = hashlib.sha256()
-        for name in ("cfg.json", "sae_weights.safetensors"):
-            f = path / name
-            if f.is_file():
-                with f.open("rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(block)
-        return {"name": spec if entry else path.name, "sha256": h.hexdigest()}
-    return {"name": spec, **({k: entry[k] for k in ("release", "id") if k in entry} if entry else {})}

@@ -404,7 +404,7 @@ def find_otd_latents(lm, sae, prompts: Sequence[str], *, site=None, n_select: in
     `answers`: the model's own answers to `prompts`, generated here (unsteered, row i seeded with
     seed + i, with `sampling`) when None. `derailed`: extra off-topic contexts (`derailed_contexts`).
     `sae_spec` names the SAE in the saved set so it can be loaded again and checked by content."""
-    from esr.experiment import _sae_identity
+    from esr.sae import sae_identity
     from esr.generate import SamplingConfig
     from esr.prompts import prompts_hash
 
@@ -434,7 +434,7 @@ def find_otd_latents(lm, sae, prompts: Sequence[str], *, site=None, n_select: in
             r["above_null_fwer95"] = bool(table.auc[j] > fwer95)
         stats[str(j)] = r
     n_tok_per_ctx = torch.bincount(owner, minlength=len(contexts))
-    ident = _sae_identity(sae_spec) if sae_spec else {}
+    ident = sae_identity(sae_spec) if sae_spec else {}
     method = {
         "name": METHOD, "version": METHOD_VERSION,
         "selection": {"n_select": n_select, "rank_by": "auc", "tie_break": "cohens_d",

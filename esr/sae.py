@@ -22,6 +22,39 @@ def sae_registry() -> dict[str, dict]:
         return tomllib.load(f)
 
 
+def sae_dir(spec: str) -> Path | None:
+    """The directory an SAE spec loads from, or None for a release SAE."""
+    entry = sae_registry().get(spec)
+    path = SAES_DIR / entry["path"] if entry and "path" in entry else Path(spec).expanduser()
+    return path if path.is_dir() else None
+
+
+def sae_identity(spec: str) -> dict:
+    """A directory SAE is identified by its files' content, a registry/release SAE by its name:
+    what calibration caches, OTD sets and ablation runs pin an SAE by."""
+    import hashlib
+
+    entry = sae_registry().get(spec)
+    path = sae_dir(spec)
+    if path is not None:
+        h = hashlib.sha256()
+        for name in ("cfg.json", "sae_weights.safetensors"):
+            f = path / name
+            if f.is_file():
+                with f.open("rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+        return {"name": spec if entry else path.name, "sha256": h.hexdigest()}
+    return {"name": spec, **({k: entry[k] for k in ("release", "id") if k in entry} if entry else {})}
+
+
+def same_sae(a: dict, b: dict) -> bool:
+    """Two identities (`sae_identity`) of one SAE: by content where known, else by name."""
+    if a.get("sha256") or b.get("sha256"):
+        return a.get("sha256") == b.get("sha256")
+    return a == b
+
+
 def load_sae(spec: str, device: str = "cpu", dtype: str | None = None):
     """`spec`: a name in saes/registry.toml, a SAELens-format directory, or `RELEASE:SAE_ID`.
 

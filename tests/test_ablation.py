@@ -13,7 +13,8 @@ import torch
 
 from conftest import SITE, tied_sae
 from esr.errors import EsrError
-from esr.experiment import Run, _sae_identity, load_config, read_trials, resolve_config
+from esr.sae import sae_identity
+from esr.experiment import Run, load_config, read_trials, resolve_config
 from esr.latents import LatentSample
 from esr.metrics import Trial, mean_estimate, paired_change
 from esr.otd import OTDSet, save_otd_set
@@ -134,7 +135,7 @@ def test_mean_estimate_clusters():
 
 
 def _otd(sae_dir, latents=(3, 7, 11), site=SITE, model=MODEL, sha="same", activity=None) -> OTDSet:
-    sha = _sae_identity(str(sae_dir))["sha256"] if sha == "same" else sha
+    sha = sae_identity(str(sae_dir))["sha256"] if sha == "same" else sha
     return OTDSet(latents=tuple(latents), site=site, sae=str(sae_dir), sae_sha256=sha, model=model,
                   method={"name": "test"}, stats={}, activity=activity)
 
