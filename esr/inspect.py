@@ -13,7 +13,6 @@ import re
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -74,11 +73,10 @@ class Firing:
 
 def catalog_for(sae_spec: str, d_sae: int) -> dict[int, LatentEntry] | None:
     """The catalog stored beside a local SAE's weights, by latent; None when there is none."""
-    from esr.sae import SAES_DIR, sae_registry
+    from esr.sae import sae_dir
 
-    entry = sae_registry().get(sae_spec, {})
-    path = SAES_DIR / entry["path"] if "path" in entry else Path(sae_spec).expanduser()
-    if not (path / CATALOG_FILE).is_file():
+    path = sae_dir(sae_spec)
+    if path is None or not (path / CATALOG_FILE).is_file():
         return None
     entries = load_catalog(path)
     if len(entries) != d_sae:  # a catalog of an earlier SAE in the same directory would mislead

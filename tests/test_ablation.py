@@ -5,7 +5,6 @@ a tiny end-to-end run, and token alignment around a restart phrase."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,13 +12,13 @@ import torch
 
 from conftest import SITE, tied_sae
 from esr.errors import EsrError
-from esr.sae import sae_identity
 from esr.experiment import Run, load_config, read_trials, resolve_config
 from esr.latents import LatentSample
 from esr.metrics import Trial, mean_estimate, paired_change
 from esr.otd import OTDSet, save_otd_set
+from esr.sae import sae_identity
 from esr.sites import Site
-from esr.steer import Ablate, Steer, Steerer
+from esr.steer import Ablate, Steerer
 from test_experiment import tiny_config
 
 MODEL = "smollm2-135m-instruct"

@@ -59,18 +59,17 @@ def _setup(args):
     """(lm, sae, site, sae_dir, texts) for eval and catalog."""
     from esr.corpus import pydoc_topics
     from esr.models import load_model
-    from esr.sae import SAES_DIR, check_sae_fits, load_sae, sae_registry
+    from esr.sae import check_sae_fits, load_sae, sae_dir, sae_registry
     from esr.sae_eval import heldout_texts
 
     entry = sae_registry().get(args.sae, {})
-    sae_dir = (SAES_DIR / entry["path"]) if "path" in entry else (
-        Path(args.sae) if Path(args.sae).is_dir() else None)
+    directory = sae_dir(args.sae)
     sae = load_sae(args.sae)
     lm = load_model(args.model or entry.get("model") or "smollm2-135m-instruct")
     site = check_sae_fits(sae, lm.d_model, lm.n_layers)
     sae.to(lm.input_device)
-    texts = _read_texts(args.texts) if args.texts else (heldout_texts(sae_dir) or pydoc_topics())
-    return lm, sae, site, sae_dir, texts
+    texts = _read_texts(args.texts) if args.texts else (heldout_texts(directory) or pydoc_topics())
+    return lm, sae, site, directory, texts
 
 
 def cmd_eval(args) -> int:
