@@ -90,7 +90,7 @@ def test_ablation_with_the_shipped_topk_sae(lm):
     ablated latents fall but do not read 0; the hook still does exactly h - sum_j f_j d_j."""
     from esr.sae import load_sae, sae_site
 
-    sae = load_sae("smollm2-135m-res15-interim")
+    sae = load_sae("smollm2-135m-res15")
     f, fa, direct, J, _ = _ablation_check(lm, Steerer(lm, sae), sae, sae_site(sae))
     assert torch.allclose(fa, direct, atol=1e-3)
     assert fa[:, J].max(0).values.sum() < 0.5 * f[:, J].max(0).values.sum()

@@ -15,7 +15,7 @@ from esr.errors import EsrError
 from esr import otd as O
 
 SITE = "blocks.15.hook_resid_post"
-INTERIM = "smollm2-135m-res15-interim"
+SHIPPED = "smollm2-135m-res15"
 
 
 # ---- (1) statistics against brute force ---------------------------------------------------------
@@ -247,7 +247,7 @@ def test_matching_on_the_shipped_catalog():
     from esr.catalog import load_catalog
     from esr.sae import SAES_DIR, sae_registry
 
-    cat = load_catalog(SAES_DIR / sae_registry()[INTERIM]["path"])
+    cat = load_catalog(SAES_DIR / sae_registry()[SHIPPED]["path"])
     freq, mean = O.activity_from_catalog(cat, len(cat))
     live = np.flatnonzero(freq > 0)
     otd = np.random.default_rng(0).choice(live, 26, replace=False).tolist()
@@ -319,7 +319,7 @@ def test_cli_bad_input_is_one_line_exit_2(capsys, tmp_path, prompt_file, lm, ext
 def test_cli_finds_writes_and_never_overwrites(capsys, tmp_path, prompt_file, lm):
     out = tmp_path / "otd.json"
     out.write_text("keep me")
-    argv = ["otd", "find", "--sae", INTERIM, "--prompts", str(prompt_file), "--n", "4",
+    argv = ["otd", "find", "--sae", SHIPPED, "--prompts", str(prompt_file), "--n", "4",
             "--max-new-tokens", "12", "--permutations", "20", "--no-progress", "--out", str(out)]
     assert main(argv) == 2
     assert "exists; pass --force" in _err_line(capsys)
@@ -328,7 +328,7 @@ def test_cli_finds_writes_and_never_overwrites(capsys, tmp_path, prompt_file, lm
     printed = capsys.readouterr().out
     assert "on-topic and" in printed and "permutation null" in printed and "written to" in printed
     otd = O.load_otd_set(out)
-    assert otd.sae == INTERIM and otd.site == SITE and otd.sae_sha256 and len(otd.sae_sha256) == 64
+    assert otd.sae == SHIPPED and otd.site == SITE and otd.sae_sha256 and len(otd.sae_sha256) == 64
     assert 1 <= len(otd.latents) <= 4 and otd.method["prompts"]["n"] == 3
     assert otd.method["answers"]["sampling"]["max_new_tokens"] == 12
     assert otd.method["answers"]["sampling"]["repetition_penalty"] == 1.1  # the registry's

@@ -89,20 +89,12 @@ def _heldout_ev(lm, name: str):
     return evaluate_sae(lm, sae, texts[::max(1, len(texts) // 48)], sae_site(sae), max_tokens=4096)
 
 
-def test_shipped_default_sae_reconstructs_heldout_text(lm):
+def test_shipped_default_sae_meets_the_quality_bar(lm):
+    """Issue 3's bar, on the SAE a fresh clone steers with: EV >= 0.8 and L0 <= 64 on held-out
+    text it never trained on (the card's 50 k-token numbers are from `esr sae eval`)."""
+    assert lm.spec.default_sae == "smollm2-135m-res15"
     got = _heldout_ev(lm, lm.spec.default_sae)
-    assert got.n_tokens > 3000 and got.l0 <= 64
-    # the interim SAE measures 0.76 here (its card); issue 3's bar of 0.8 is the next test's
-    assert got.explained_variance >= 0.7
-
-
-def test_trained_sae_meets_the_quality_bar(lm):
-    from esr.sae import SAES_DIR
-
-    name = "smollm2-135m-res15"
-    if not (SAES_DIR / name / "sae_weights.safetensors").is_file():
-        pytest.skip(f"{name} is not trained yet: esr sae train saes/{name}/train.yaml")
-    got = _heldout_ev(lm, name)
+    assert got.n_tokens > 3000
     assert got.explained_variance >= 0.8 and got.l0 <= 64
 
 

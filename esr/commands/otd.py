@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(off-topic; a seeded derangement), plus derailed first attempts of steered runs if "
         "given. Latents are ranked by per-token AUC with Cohen's d, frequency floors and a "
         "permutation null; the top N are written as an OTD set (JSON).",
-        epilog="example: esr otd find --model smollm2-135m-instruct --sae smollm2-135m-res15-interim "
+        epilog="example: esr otd find --model smollm2-135m-instruct --sae smollm2-135m-res15 "
         "--prompts howto --out otd.json")
     add_model_args(f)
     f.add_argument("--site", help="where the SAE reads (default: the SAE's own hook); detectors "
