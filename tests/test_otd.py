@@ -258,6 +258,24 @@ def test_matching_on_the_shipped_catalog():
 
 
 # ---- (4) the file ----------------------------------------------------------------------------------
+def test_shipped_otd_set_pins_the_shipped_sae():
+    """experiments/<model>.toml's [exp3] set must be remade whenever the SAE it was found with
+    changes (exp 3 refuses a stale one): fail here, in CI, not in a user's run."""
+    import tomllib
+    from pathlib import Path
+
+    from esr.models import resolve
+    from esr.sae import sae_identity
+
+    cfg_path = Path(__file__).parents[1] / "experiments" / "smollm2-135m-instruct.toml"
+    cfg = tomllib.loads(cfg_path.read_text())
+    otd = O.load_otd_set(cfg_path.parent / cfg["exp3"]["otd"])
+    assert otd.model == cfg["run"]["model"] and otd.sae == resolve(otd.model).default_sae
+    assert otd.sae_sha256 == sae_identity(otd.sae)["sha256"], \
+        "the SAE changed: esr otd find ... --out experiments/otd/smollm2-135m-instruct.json --force"
+    assert otd.site == SITE and len(otd.latents) == 26 and otd.activity is not None
+
+
 def test_save_load_round_trip_and_bad_files(tmp_path, found):
     otd = found[0]
     path = O.save_otd_set(otd, tmp_path / "sub" / "otd.json")
