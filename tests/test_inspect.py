@@ -122,11 +122,16 @@ def test_find_by_label(catalog):
 
 def test_latents_on_text_find_the_latent_of_its_own_top_context(steerer, catalog, python_latent):
     ctx = python_latent.top_contexts[0]
-    firings = latents_on_text(steerer, ctx["left"] + ctx["token"] + ctx["right"], top=20, catalog=catalog)
-    acts = [f.activation for f in firings]
-    assert acts == sorted(acts, reverse=True) and len(firings) == 20
+    text = ctx["left"] + ctx["token"] + ctx["right"]
+    top20 = latents_on_text(steerer, text, top=20, catalog=catalog)
+    acts = [f.activation for f in top20]
+    assert acts == sorted(acts, reverse=True) and len(top20) == 20
+    # Every latent that fires, strongest first: on a ~40-character cut of its context the latent
+    # still fires, but other latents may fire harder, so it need not be in the top 20.
+    firings = latents_on_text(steerer, text, top=steerer.sae.cfg.d_sae, catalog=catalog)
+    assert [f.latent for f in firings[:20]] == [f.latent for f in top20]
     mine = [f for f in firings if f.latent == python_latent.latent]
-    assert mine, "the latent fires among the top 20 on the context it was catalogued on"
+    assert mine, "the latent fires on the context it was catalogued on"
     assert mine[0].token == ctx["token"] and mine[0].label == python_latent.label
     # Its activation there is the SAE's own encoding of that token's residual.
     from esr.activations import site_activations
