@@ -354,6 +354,7 @@ class TrialsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.keys: set[str] = set()
+        self.judges: set[tuple[str, str]] = set()  # (judge id, protocol) of the rows' grades
         self._repair_and_index()
 
     def _repair_and_index(self) -> None:
@@ -376,6 +377,9 @@ class TrialsFile:
                 continue
             if isinstance(row, dict) and row.get("key"):
                 self.keys.add(row["key"])
+                j = row.get("judge")
+                if isinstance(j, dict):
+                    self.judges.add((str(j.get("id")), str(j.get("protocol"))))
 
     def append(self, rows: list[dict]) -> None:
         rows = [r for r in rows if r["key"] not in self.keys]
@@ -506,6 +510,16 @@ class Run:
 
             self.judge = make_judge(self.config["run"]["judge"], cache_dir=default_cache_dir())
 
+    def _check_judge(self) -> None:
+        """A judge's protocol changes without the config changing (a better segmenter, say):
+        resuming would then mix two gradings in one set of rates, so refuse."""
+        mine = (str(self.judge.id), str(self.judge.protocol))
+        other = TrialsFile(self.run_dir / "trials.jsonl").judges - {mine}
+        if other:
+            jid, proto = sorted(other)[0]
+            raise EsrError(f"{self.run_dir} holds trials graded by {jid} protocol {proto}; this esr "
+                           f"grades with protocol {mine[1]}: pass another --out for a fresh run")
+
     def load_steerer(self) -> None:
         if self.steerer is None:
             from esr.models import load_model
@@ -633,6 +647,7 @@ class Run:
         self._open_dir()
         try:
             self._load()
+            self._check_judge()
             ablating = bool(set(ABLATION_EXPERIMENTS) & set(self.config.experiments))
             if ablating:
                 self.attach_otd()

@@ -24,7 +24,7 @@ from esr.errors import EsrError
 from esr.judge import Attempt, Grade, GradeRequest
 from esr.segment import degenerate_reason, find_cues, split_attempts
 
-PROTOCOL = "esr-offline-1"
+PROTOCOL = "esr-offline-2"  # 2: no restart inside a noun phrase or at "take two to ..."
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ _CUES: list[tuple[str, str]] = [
                 r"(?:just\s+|quickly\s+|now\s+)?(?:try|start|begin|do|answer)(?:\s+(?:this|that|it|"
                 r"my\s+answer|the\s+answer|this\s+answer))?\s+(?:again|over|afresh|anew|from\s+"
                 r"(?:the\s+)?(?:scratch|beginning|top))|(?:starting|beginning|trying)\s+"
-                r"(?:over|again|afresh)|take\s+two\b|let\s+me\s+(?:rewind|back\s+up|redo\s+(?:that|this)|"
+                r"(?:over|again|afresh)|take\s+two(?=\s*[:.!—–-])|let\s+me\s+(?:rewind|back\s+up|redo\s+(?:that|this)|"
                 r"retry|restart|rephrase|start\s+fresh))" + r"(?:" + _CLAUSE + r"(?=[.!?\n…;:]|$))?"),
     # "Let me actually answer your question", "Back to your question", "To actually answer ..."
     ("refocus", r"\b(?:(?:let\s+me|let's|i'll|i\s+will|i\s+should|now\s+let\s+me)\s+"
@@ -283,6 +283,12 @@ def _in(spans: list[tuple[int, int]], pos: int) -> bool:
     return any(a <= pos < b for a, b in spans)
 
 
+# A word that opens or continues a noun phrase: what follows it is that phrase, not a new clause.
+_NOUN_PHRASE_OPEN = re.compile(
+    r"\b(?:the|a|an|this|that|these|those|my|your|his|her|its|our|their|of|with|to|on|in|for|at|"
+    r"by|from|about|into|onto)\s+$", re.IGNORECASE)
+
+
 def _lexical_cues(text: str, quotes: list[tuple[int, int]]) -> list[Cue]:
     """Short clauses that are restart talk by vocabulary rather than by a fixed phrase."""
     cues: list[Cue] = []
@@ -302,8 +308,9 @@ def _lexical_cues(text: str, quotes: list[tuple[int, int]]) -> list[Cue]:
         hits = [h.start() for lex in (_STRONG_LEX, _WEAK_LEX) for h in lex.finditer(clause)]
         tail = False
         if hits and len(clause[:min(hits)].split()) > 6:
+            # ...but not inside a noun phrase ("help with the wrong side of the coin").
             tails = [h for h in hits if len(clause[h:].split()) <= 30
-                     and re.search(r"[a-z]\s+$", clause[:h])]
+                     and re.search(r"[a-z]\s+$", clause[:h]) and not _NOUN_PHRASE_OPEN.search(clause[:h])]
             if not tails:
                 continue
             start += min(tails)

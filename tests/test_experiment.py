@@ -247,6 +247,14 @@ def test_tiny_run_end_to_end_and_report(tmp_path, sae_dir, lm, sae, monkeypatch)
     # a second execute is a no-op: calibration from cache, no duplicate trial
     Run(config, run_dir, progress=False, log=lambda m: None, steerer=Steerer(lm, sae), judge=judge).execute()
     assert len(read_trials(run_dir / "trials.jsonl")) == len(rows)
+    # a later esr whose judge grades by another protocol must not add to these rates
+    newer = make_judge("offline")
+    newer.protocol = "esr-offline-99"
+    with pytest.raises(EsrError, match=f"graded by offline:minilm-l6-v2 protocol {judge.protocol}; "
+                                       "this esr grades with protocol esr-offline-99"):
+        Run(config, run_dir, progress=False, log=lambda m: None, steerer=Steerer(lm, sae),
+            judge=newer).execute()
+    assert len(read_trials(run_dir / "trials.jsonl")) == len(rows)
 
     text, files = write_report([run_dir], tmp_path / "report", n_boot=50)
     assert "exp1" in text and "multi-attempt rate" in text and "McNemar" in text

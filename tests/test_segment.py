@@ -51,6 +51,10 @@ def test_project_cases(case):
     "Avoid off-topic tangents in meetings and table them for later.",
     "Sorry, there is no shortcut: a shorter steep just tastes weaker.",
     "Let me try again: to boil an egg, simmer it for nine minutes.",  # restart at the very start
+    # False positives of the offline judge on SmolLM2's unsteered answers (exp 8):
+    "I'm not sure if you're here to help with the wrong side of the coin (well, maybe, but I'll "
+    "get into that later). Here's a basic approach: open your spreadsheet.",
+    "Here is how you can do it:\n\n1. Take Two to Three\nBefore you leave, take a couple of days.",
 ])
 def test_innocent_text_is_one_attempt(text):
     assert n(text) == 1, find_cues(text)
@@ -65,6 +69,7 @@ def test_innocent_text_is_one_attempt(text):
     "Whoops, wrong topic!", "Err, no.", "Let me reset.", "Ugh, I'm way off base.",
     "Okay, for real this time:", "I misspoke.", "Apologies for the detour.",
     "Lost my train of thought there.", "On second thought, that has nothing to do with eggs.",
+    "Take two:",
 ])
 def test_restart_phrasings_split(cue):
     text = (f"The Roman legions marched thirty kilometres a day. {cue} "
