@@ -10,7 +10,8 @@ Besides special tokens, "massive-activation" positions (residual norm > MASSIVE 
 median: attention sinks such as SmolLM2's first ordinary token after a chat delimiter, ~18,000
 against a median of ~170) are left out of every number and never spliced. A handful of them would
 otherwise hold most of the variance and decide the explained variance on their own (on a 600 k-token
-precursor of the shipped SmolLM2 SAE: 0.93 with them, 0.76 without, on 16 k held-out tokens); their count is reported.
+precursor of the shipped SmolLM2 SAE: 0.93 with them, 0.76 without, on 16 k held-out tokens);
+their count is reported.
 """
 
 from __future__ import annotations

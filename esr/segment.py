@@ -66,7 +66,8 @@ _CUES: list[tuple[str, str]] = [
                 r"(?:just\s+|quickly\s+|now\s+)?(?:try|start|begin|do|answer)(?:\s+(?:this|that|it|"
                 r"my\s+answer|the\s+answer|this\s+answer))?\s+(?:again|over|afresh|anew|from\s+"
                 r"(?:the\s+)?(?:scratch|beginning|top))|(?:starting|beginning|trying)\s+"
-                r"(?:over|again|afresh)|take\s+two(?=\s*[:.!—–-])|let\s+me\s+(?:rewind|back\s+up|redo\s+(?:that|this)|"
+                r"(?:over|again|afresh)|take\s+two(?=\s*[:.!—–-])|"
+                r"let\s+me\s+(?:rewind|back\s+up|redo\s+(?:that|this)|"
                 r"retry|restart|rephrase|start\s+fresh))" + r"(?:" + _CLAUSE + r"(?=[.!?\n…;:]|$))?"),
     # "Let me actually answer your question", "Back to your question", "To actually answer ..."
     ("refocus", r"\b(?:(?:let\s+me|let's|i'll|i\s+will|i\s+should|now\s+let\s+me)\s+"
