@@ -136,6 +136,14 @@ def write_catalog(entries: list[LatentEntry], path: str | Path) -> Path:
     return path
 
 
+def sae_catalog(sae_spec: str) -> list[LatentEntry] | None:
+    """The catalog shipped beside a local SAE's weights; None for a hub SAE or one without."""
+    from esr.sae import sae_dir
+
+    d = sae_dir(sae_spec)
+    return load_catalog(d) if d is not None and (d / CATALOG_FILE).is_file() else None
+
+
 def load_catalog(path_or_dir: str | Path) -> list[LatentEntry]:
     path = Path(path_or_dir)
     if path.is_dir():

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from esr.errors import EsrError
-from esr.sae import sae_dir, sae_identity, same_sae
+from esr.sae import sae_identity, same_sae
 
 EXPERIMENTS = ("exp1", "exp2", "exp3", "exp5", "exp8", "exp10")
 ABLATION_EXPERIMENTS = ("exp3", "exp10")
@@ -585,11 +585,11 @@ class Run:
         if len(act.get("frequency") or ()) == d_sae and len(act.get("mean_activation") or ()) == d_sae:
             return (np.asarray(act["frequency"], float), np.asarray(act["mean_activation"], float),
                     f"the OTD search's {act.get('tokens', '?')} response tokens")
-        from esr.catalog import CATALOG_FILE, load_catalog
+        from esr.catalog import sae_catalog
 
-        d = sae_dir(self.otd.sae)
-        if d is not None and (d / CATALOG_FILE).is_file():
-            freq, mean = activity_from_catalog(load_catalog(d), d_sae)
+        cat = sae_catalog(self.otd.sae)
+        if cat is not None:
+            freq, mean = activity_from_catalog(cat, d_sae)
             return freq, mean, f"the latent catalog of {self.otd.sae}"
         raise EsrError(f"exp10 needs every latent's firing frequency and mean activation to match "
                        f"random sets to the OTD set: neither {self.config['exp3']['otd']} nor a "
@@ -708,15 +708,10 @@ class Run:
         return sample
 
     def _catalog(self):
-        from esr.catalog import CATALOG_FILE, load_catalog
+        from esr.catalog import load_catalog, sae_catalog
 
         c = self.config["latents"]
-        if c["catalog"]:
-            return load_catalog(c["catalog"])
-        d = sae_dir(self.config["run"]["sae"])
-        if d is not None and (d / CATALOG_FILE).is_file():
-            return load_catalog(d)
-        return None
+        return load_catalog(c["catalog"]) if c["catalog"] else sae_catalog(self.config["run"]["sae"])
 
     def calibration_inputs(self, latent: int) -> dict:
         """Everything that decides a latent's threshold; its hash is the cache key."""

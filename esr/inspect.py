@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from esr.catalog import CATALOG_FILE, LatentEntry, build_catalog, load_catalog, logit_lens
+from esr.catalog import LatentEntry, build_catalog, logit_lens, sae_catalog
 from esr.errors import EsrError
 
 DEFAULT_PROMPT = "Explain how to bake bread."
@@ -73,14 +73,11 @@ class Firing:
 
 def catalog_for(sae_spec: str, d_sae: int) -> dict[int, LatentEntry] | None:
     """The catalog stored beside a local SAE's weights, by latent; None when there is none."""
-    from esr.sae import sae_dir
-
-    path = sae_dir(sae_spec)
-    if path is None or not (path / CATALOG_FILE).is_file():
+    entries = sae_catalog(sae_spec)
+    if entries is None:
         return None
-    entries = load_catalog(path)
     if len(entries) != d_sae:  # a catalog of an earlier SAE in the same directory would mislead
-        raise EsrError(f"{path / CATALOG_FILE} describes {len(entries)} latents but the SAE has "
+        raise EsrError(f"the catalog of {sae_spec} describes {len(entries)} latents but the SAE has "
                        f"{d_sae}; rebuild it with `esr sae catalog {sae_spec}`")
     return {e.latent: e for e in entries}
 

@@ -244,10 +244,9 @@ def test_widening_is_reported_and_impossible_matches_fail():
 
 
 def test_matching_on_the_shipped_catalog():
-    from esr.catalog import load_catalog
-    from esr.sae import SAES_DIR, sae_registry
+    from esr.catalog import sae_catalog
 
-    cat = load_catalog(SAES_DIR / sae_registry()[SHIPPED]["path"])
+    cat = sae_catalog(SHIPPED)
     freq, mean = O.activity_from_catalog(cat, len(cat))
     live = np.flatnonzero(freq > 0)
     otd = np.random.default_rng(0).choice(live, 26, replace=False).tolist()

@@ -80,11 +80,11 @@ def test_config_errors_are_readable(tmp_path):
 def _heldout_ev(lm, name: str):
     """Load a shipped SAE by its short name and measure it on ~4k tokens spread over its own
     held-out split (every k-th document, not just the first two)."""
-    from esr.sae import SAES_DIR, load_sae, sae_registry, sae_site
+    from esr.sae import load_sae, sae_dir, sae_site
     from esr.sae_eval import evaluate_sae, heldout_texts
 
     sae = load_sae(name)
-    texts = heldout_texts(SAES_DIR / sae_registry()[name]["path"])
+    texts = heldout_texts(sae_dir(name))
     assert texts, "a shipped SAE must carry its held-out text"
     return evaluate_sae(lm, sae, texts[::max(1, len(texts) // 48)], sae_site(sae), max_tokens=4096)
 

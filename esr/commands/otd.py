@@ -80,11 +80,9 @@ def _sae_spec(spec: str) -> str:
 
 def _labels(spec: str) -> dict[int, str]:
     """Catalog labels of a directory SAE, if it has a catalog."""
-    from esr.catalog import CATALOG_FILE, load_catalog
-    from esr.sae import sae_dir
+    from esr.catalog import sae_catalog
 
-    d = sae_dir(spec)
-    return {e.latent: e.label for e in load_catalog(d)} if d and (d / CATALOG_FILE).is_file() else {}
+    return {e.latent: e.label for e in sae_catalog(spec) or ()}
 
 
 def cmd_find(args) -> int:
